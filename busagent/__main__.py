@@ -1,0 +1,5 @@
+import sys
+
+from busagent.cli import main
+
+sys.exit(main())

@@ -1,0 +1,89 @@
+"""Execute one method call: validate, resolve references, call libvirt, shape the result."""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import fastjsonschema
+import libvirt
+
+from busagent.api import refs
+from busagent.api.errors import InvalidArguments, NotSupported, UnknownMethod
+from busagent.api.marshal import shape_result, to_python
+from busagent.api.schema import validator_schema
+from busagent.api.table import Method, MethodTable, load_table
+
+
+def _json_path(exc: fastjsonschema.JsonSchemaValueException) -> str:
+    name = exc.name or "data"
+    return "$" + name[4:] if name.startswith("data") else name
+
+
+class Dispatcher:
+    """Runs method calls against one libvirt connection (thread-safe)."""
+
+    def __init__(self, get_conn: Callable[[], libvirt.virConnect], table: MethodTable | None = None) -> None:
+        self.table = table or load_table()
+        self._get_conn = get_conn
+        self._validators: dict[str, Callable[[Any], Any]] = {}
+        self._lock = threading.Lock()
+
+    def agent_method(self, name: str, args: Any) -> Any:
+        """The agent's own methods (prefixed ``busagent``)."""
+        if name == "busagentListMethods":
+            return {m.name: {"self": m.self_arg.name if m.self_arg else None, "self_kind": m.self_kind,
+                             "access": m.access} for m in self.table.exposed}
+        if name == "busagentPing":
+            return {"pong": True}
+        raise UnknownMethod(f"unknown method {name!r}")
+
+    def method(self, name: str) -> Method:
+        m = self.table.methods.get(name)
+        if m is None:
+            if name in self.table.helpers:
+                raise NotSupported(f"{name} is not served: {self.table.helpers[name]}")
+            raise UnknownMethod(f"unknown method {name!r}")
+        if m.excluded:
+            raise NotSupported(f"{name} is not served: {m.excluded}")
+        return m
+
+    def validator(self, m: Method) -> Callable[[Any], Any]:
+        v = self._validators.get(m.name)
+        if v is None:
+            with self._lock:
+                v = self._validators.get(m.name)
+                if v is None:
+                    v = fastjsonschema.compile(validator_schema(m))
+                    self._validators[m.name] = v
+        return v
+
+    def validate(self, m: Method, args: Any) -> None:
+        if not isinstance(args, dict):
+            raise InvalidArguments("the request body must be a JSON object of arguments", "$")
+        try:
+            self.validator(m)(args)
+        except fastjsonschema.JsonSchemaValueException as exc:
+            raise InvalidArguments(exc.message.replace("data", "$", 1), _json_path(exc)) from None
+
+    def call(self, name: str, args: Any) -> tuple[Any, str | None]:
+        """Run one call; returns (result, result_name). Raises AgentError or libvirtError."""
+        if name.startswith("busagent"):
+            return self.agent_method(name, args), None
+        m = self.method(name)
+        self.validate(m, args)
+        conn = self._get_conn()
+        api = self.table.api
+        try:
+            if m.self_arg is None:
+                target = conn if m.binding.cls == "virConnect" else None
+            elif m.self_via:
+                target = refs.resolve(conn, m.self_kind, args[m.self_arg.name], f"$.{m.self_arg.name}").getDomain()
+            else:
+                target = refs.resolve(conn, m.self_kind, args[m.self_arg.name], f"$.{m.self_arg.name}")
+            kwargs = {p.pyname: to_python(conn, api, p, args[p.name], f"$.{p.name}")
+                      for p in m.params if p.name in args}
+        except refs.BadReference as exc:
+            raise InvalidArguments(str(exc), exc.path) from None
+        fn = m.binding.callable_on(target)
+        value = fn(**kwargs)
+        return shape_result(api, m.result, value)

@@ -1,0 +1,85 @@
+"""Typed settings: defaults < config file (TOML) < BUSAGENT_* environment < flags."""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+PROFILES = ("direct", "rabbitmq3", "rabbitmq4", "artemis", "qpid-router")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the agent needs to start."""
+
+    uri: str = "test:///default"
+    mode: str = "direct"  # 'direct': listen for AMQP peers; 'broker': connect to a broker
+    listen: str = "127.0.0.1:5672"
+    broker_urls: tuple[str, ...] = ()
+    profile: str = "direct"
+    namespace: str = "libvirt"
+    host_id: str = ""  # default: the hypervisor's hostname
+    workers: int = 8
+    credit: int = 500
+    max_message_bytes: int = 1 << 20
+    log_level: str = "info"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> Settings:
+        if self.mode not in ("direct", "broker"):
+            raise ConfigError(f"mode must be 'direct' or 'broker', not {self.mode!r}")
+        if self.profile not in PROFILES:
+            raise ConfigError(f"profile must be one of {', '.join(PROFILES)}")
+        if self.mode == "broker" and not self.broker_urls:
+            raise ConfigError("broker mode needs at least one broker URL")
+        if self.mode == "direct" and self.profile != "direct":
+            raise ConfigError("direct mode uses the 'direct' profile")
+        if not 1 <= self.workers <= 256:
+            raise ConfigError("workers must be between 1 and 256")
+        if not self.namespace or any(c in self.namespace for c in "/ #*"):
+            raise ConfigError("namespace must be a plain word")
+        return self
+
+
+_FILE_KEYS = {  # TOML section.key -> Settings field
+    "libvirt.uri": "uri", "bus.mode": "mode", "bus.listen": "listen", "bus.urls": "broker_urls",
+    "bus.profile": "profile", "bus.namespace": "namespace", "agent.host_id": "host_id",
+    "agent.workers": "workers", "bus.credit": "credit", "limits.max_message_bytes": "max_message_bytes",
+    "log.level": "log_level",
+}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = {f.name: f.type for f in fields(Settings)}[name]
+    if kind == "int":
+        return int(value)
+    if kind == "tuple[str, ...]":
+        return tuple(value.split(",") if isinstance(value, str) else value)
+    return str(value)
+
+
+def load(path: str | None = None, env: dict[str, str] | None = None, **flags: Any) -> Settings:
+    """Build validated settings from a TOML file, the environment and flags."""
+    values: dict[str, Any] = {}
+    path = path or (env or os.environ).get("BUSAGENT_CONFIG")
+    if path:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+        for dotted, name in _FILE_KEYS.items():
+            section, key = dotted.split(".")
+            if key in doc.get(section, {}):
+                values[name] = _coerce(name, doc[section][key])
+    for f in fields(Settings):
+        raw = (env if env is not None else os.environ).get(f"BUSAGENT_{f.name.upper()}")
+        if raw is not None and f.name != "extra":
+            values[f.name] = _coerce(f.name, raw)
+    values.update({k: _coerce(k, v) for k, v in flags.items() if v is not None})
+    settings = replace(Settings(), **values)
+    if settings.mode == "broker" and settings.profile == "direct" and "profile" not in values:
+        settings = replace(settings, profile="rabbitmq3")
+    return settings.validate()

@@ -1,0 +1,81 @@
+"""One request in, one reply body out: parse, dispatch, turn every failure into an error reply.
+
+Runs on a worker thread; knows nothing of proton endpoints.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import libvirt
+import structlog
+
+from busagent.api.dispatch import Dispatcher
+from busagent.api.errors import AgentError, BadRequest, Expired, Internal
+from busagent.bus.envelope import Request, expired, parse_args, reply_body
+from busagent.virt.errors import libvirt_error_data
+
+log = structlog.get_logger("busagent.rpc")
+
+
+@dataclass
+class Outcome:
+    """What one call produced."""
+
+    body: bytes
+    method: str
+    outcome: str  # 'ok' | error kind
+    seconds: float
+
+
+@dataclass
+class RpcStats:
+    """Counters by (method, outcome), shared with the metrics endpoint."""
+
+    calls: collections.Counter = field(default_factory=collections.Counter)
+    rejected: collections.Counter = field(default_factory=collections.Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, method: str, outcome: str) -> None:
+        with self.lock:
+            self.calls[(method, outcome)] += 1
+
+    def reject(self, reason: str) -> None:
+        with self.lock:
+            self.rejected[reason] += 1
+
+
+class RpcService:
+    """Serves method calls through a Dispatcher."""
+
+    def __init__(self, dispatcher: Dispatcher, stats: RpcStats | None = None) -> None:
+        self.dispatcher = dispatcher
+        self.stats = stats or RpcStats()
+
+    def handle(self, req: Request) -> Outcome:
+        start = time.perf_counter()
+        method = req.subject if isinstance(req.subject, str) else "(none)"
+        result_name = None
+        try:
+            if expired(req):
+                raise Expired("the request's deadline passed before it could run")
+            if not isinstance(req.subject, str) or not req.subject:
+                raise BadRequest("the subject must name a libvirt C function")
+            result, result_name = self.dispatcher.call(req.subject, parse_args(req))
+            body, outcome = reply_body(result, result_name), "ok"
+        except libvirt.libvirtError as exc:
+            err = libvirt_error_data(exc)
+            body, outcome = reply_body(error=err), "libvirt"
+        except AgentError as exc:
+            body, outcome = reply_body(error=exc), exc.kind
+        except Exception as exc:  # never let one request take the agent down
+            log.exception("internal error", method=method, correlation_id=str(req.correlation_id))
+            body, outcome = reply_body(error=Internal(f"{type(exc).__name__}: {exc}")), "internal"
+        seconds = time.perf_counter() - start
+        self.stats.count(method, outcome)
+        log.info("request", method=method, correlation_id=str(req.correlation_id), outcome=outcome,
+                 ms=round(seconds * 1000, 3), reply=req.reply_to is not None)
+        return Outcome(body, method, outcome, seconds)
