@@ -105,16 +105,22 @@ def load_api(path: str | None = None) -> ApiDescription:
         fields = tuple(Arg(f.get("name"), f.get("type"), _text(f)) for f in st.findall("field"))
         if fields:
             api.structs[st.get("name")] = Struct(st.get("name"), fields)
+    aliases: list[tuple[str, str, str]] = []
     for en in root.iter("enum"):
+        name, etype = en.get("name"), en.get("type")
         try:
             value = int(en.get("value"), 0)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError):  # an alias: its value is another constant's name
+            aliases.append((name, etype, en.get("value") or ""))
             continue
-        name, etype = en.get("name"), en.get("type")
         api.constants[name] = value
         names = api.enum_types.setdefault(etype, {})
         if value not in names and not _is_enum_alias(name):
             names[value] = name
+    for name, etype, target in aliases:
+        if target in api.constants:
+            api.constants[name] = api.constants[target]
+            api.enum_types.setdefault(etype, {}).setdefault(api.constants[target], name)
     ver = root.find(".//macro[@name='LIBVIR_VERSION_NUMBER']")
     api.version = ver.get("string", "") if ver is not None else ""
     return api

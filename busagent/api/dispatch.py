@@ -86,4 +86,7 @@ class Dispatcher:
             raise InvalidArguments(str(exc), exc.path) from None
         fn = m.binding.callable_on(target)
         value = fn(**kwargs)
+        if value is None and libvirt.virGetLastError() is not None:
+            # some wrappers return None on failure instead of raising (migrateGetMaxDowntime)
+            raise libvirt.libvirtError(f"{name}() failed")
         return shape_result(api, m.result, value)

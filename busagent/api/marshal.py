@@ -79,10 +79,12 @@ def to_json(value: Any) -> Any:
 def shape_result(api: ApiDescription, r: Result, value: Any) -> tuple[Any, str | None]:
     """Shape the binding's return value as the table says; returns (result, result_name)."""
     if r.shape in ("struct", "outargs"):
+        if isinstance(value, dict) and set(value) == set(r.names):  # the binding already names them
+            value = [value[name] for name in r.names]
         if isinstance(value, (list, tuple)) and len(value) == len(r.names):
             out: dict[str, Any] = {}
-            for name, enum, v in zip(r.names, r.enums, value):
-                out[name] = to_json(v)
+            for name, enum, kind, v in zip(r.names, r.enums, r.kinds, value, strict=True):
+                out[name] = int(v) if kind == "integer" and isinstance(v, bool) else to_json(v)
                 if enum:
                     out[f"{name}_name"] = api.enum_name(enum, v) if isinstance(v, int) else None
             return out, None
@@ -95,4 +97,6 @@ def shape_result(api: ApiDescription, r: Result, value: Any) -> tuple[Any, str |
         return [{"domain": refs.render(d), "stats": to_json(s)} for d, s in value], None
     if r.kind == "enum" and isinstance(value, int) and r.enums and r.enums[0]:
         return value, api.enum_name(r.enums[0], value)
+    if r.kind in ("integer", "enum") and isinstance(value, bool):  # the binding's bool for a C int
+        return int(value), None
     return to_json(value), None

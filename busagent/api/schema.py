@@ -3,6 +3,7 @@ result) plus the request/reply envelopes. The same schemas validate requests at
 run time (compiled with fastjsonschema) and are written to ``schemas/``."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from busagent.api.refs import REF_KEYS, ref_schema
@@ -13,6 +14,7 @@ DIALECT = "https://json-schema.org/draft/2020-12/schema"
 BASE_ID = "https://busagent.example/schemas"
 
 _INT = {"type": "integer"}
+_TOKEN = re.compile(r"\bvir[A-Z]\w+")
 _NAME = {"type": "string", "pattern": "^VIR_[A-Z0-9_]+$"}
 
 
@@ -68,6 +70,10 @@ def _rendered_ref(kind: str) -> dict[str, Any]:
 def param_schema(m: Method, p: Param) -> dict[str, Any]:
     bound = BINDING_PARAMS.get((m.name, p.pyname))
     s = dict(bound[1]) if bound else value_schema(p.kind, p.enum)
+    if p.kind == "flags":
+        flag_type = next((t for t in _TOKEN.findall(p.info) if t.endswith(("Flags", "FlagValues", "Values"))), None)
+        if flag_type:
+            s["x-flag-type"] = flag_type
     if p.nullable:
         s = {"anyOf": [s, {"type": "null"}]}
     if p.info:
@@ -113,7 +119,6 @@ def method_schema(m: Method) -> dict[str, Any]:
         "x-access": m.access,
         "x-since": m.fn.version,
         "x-binding": f"{m.binding.cls or 'libvirt'}.{m.binding.method}" if m.binding else None,
-        "$defs": ref_defs(),
         "properties": {"args": args_schema(m), "result": result_schema(m.result)},
     }
     if m.notes:
@@ -172,11 +177,24 @@ def envelope_schemas() -> dict[str, dict[str, Any]]:
     }
 
 
+def _external_refs(doc: Any) -> Any:
+    """Point ``#/$defs/...`` at the shared defs.json (method files stay small)."""
+    if isinstance(doc, dict):
+        return {k: ("../defs.json" + v if k == "$ref" and v.startswith("#/$defs/") else _external_refs(v))
+                for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_external_refs(v) for v in doc]
+    return doc
+
+
 def all_schemas(table: MethodTable) -> dict[str, dict[str, Any]]:
     """Every schema document by relative file name."""
     out = {f"{k}.json": v for k, v in envelope_schemas().items()}
+    out["defs.json"] = {"$schema": DIALECT, "$id": f"{BASE_ID}/{SCHEMA_VERSION}/defs.json",
+                        "title": "shared definitions: object references, flags, typed parameters",
+                        "$defs": ref_defs()}
     for m in table.exposed:
-        out[f"methods/{m.name}.json"] = method_schema(m)
+        out[f"methods/{m.name}.json"] = _external_refs(method_schema(m))
     out["methods/index.json"] = {
         "version": SCHEMA_VERSION,
         "libvirt_api": table.api.version or None,

@@ -38,7 +38,7 @@ BINDING_PARAMS: dict[tuple[str, str], tuple[tuple[str, ...], dict]] = {
         "description": "page size (KiB) -> number of pages"}),
 }
 # The binding returns another shape than the C out-arguments suggest.
-RAW_RESULTS = {"virDomainGetVcpus", "virDomainGetDiskErrors", "virGetVersion"}
+RAW_RESULTS = {"virDomainGetVcpus", "virDomainGetDiskErrors", "virGetVersion", "virNodeGetFreePages"}
 
 INT_TYPES = {
     "int", "unsigned int", "long", "unsigned long", "long long", "unsigned long long",
@@ -62,6 +62,7 @@ _READ_RE = re.compile(
     r"|^virDomainBlockStats|^virConnectIsAlive|^virConnectIsSecure|^virConnectIsEncrypted)"
 )
 _ENUM_TOKEN = re.compile(r"\bvir[A-Z]\w+")
+_BITMASK = re.compile(r"\bOR\b|bitwise")  # "bitwise-OR of virDomainStatsTypes", "binary-OR of ..."
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ class MethodTable:
 
 def enum_in(info: str, api: ApiDescription, name: str = "", strict: bool = False) -> str | None:
     """The enum type a value's description names (``one of virDomainState``)."""
-    if name == "flags" or "OR" in info.split() or "bitwise" in info:
+    if name == "flags" or _BITMASK.search(info):
         return None
     if strict and not re.search(r"\bone of\b|\benum\b", info):
         return None
@@ -150,8 +151,8 @@ def value_kind(ctype: str, name: str, api: ApiDescription, info: str = "") -> tu
         return f"ref:{KIND_OF_CTYPE[t]}", None
     if t.endswith("Ptr *") and t[:-2] in KIND_OF_CTYPE:
         return f"refs:{KIND_OF_CTYPE[t[:-2]]}", None
-    if name == "flags" and t in INT_TYPES:
-        return "flags", None
+    if t in INT_TYPES and (name == "flags" or _BITMASK.search(info) and _ENUM_TOKEN.search(info)):
+        return "flags", None  # a bit set: an integer or a list of constant names
     if t in api.enum_types:
         return "enum", t
     if t in INT_TYPES:
@@ -174,17 +175,36 @@ def value_kind(ctype: str, name: str, api: ApiDescription, info: str = "") -> tu
     return "any", None
 
 
+def _null_in_doc(doc: str, arg: str) -> bool:
+    """The function's description lets ``arg`` be NULL ("@uri ... otherwise must be NULL",
+    "Passing NULL for @metadata", "Any of @emulator, @arch ... may be NULL")."""
+    a = re.escape(arg)
+    return re.search(rf"@{a}\b[^.;]*?\b(?:may|must|can|should) be NULL|@{a} is NULL\b|NULL for @{a}\b",
+                     doc) is not None
+
+
 def _access(name: str) -> str:
     if name in PRIVILEGED_READS:
         return "write"
     return "read" if _READ_RE.search(name) else "write"
 
 
+def _struct_of(ctype: str, api: ApiDescription) -> str | None:
+    """The struct a ``<name>Ptr`` type points to: ``<name>`` or ``<name>Struct`` (virDomainBlockStatsPtr)."""
+    t = ctype.strip()
+    if not t.endswith("Ptr"):
+        return None
+    return next((s for s in (t[:-3], t[:-3] + "Struct") if s in api.structs), None)
+
+
 def _is_out(arg: Arg, api: ApiDescription) -> bool:
+    """An argument the C function fills in (the binding returns it), given the binding did not take it."""
     t = arg.type.strip()
-    if t in KIND_OF_CTYPE or t in STRING_TYPES or t.startswith("const "):
+    if t in KIND_OF_CTYPE or t.startswith("const "):
         return False
-    if t.endswith("*") or (t.endswith("Ptr") and t[:-3] in api.structs):
+    # ``char ** const names`` is a caller-allocated array of names; a bare ``char *`` not taken by the
+    # binding is an output buffer (virDomainGetUUIDString's ``buf``).
+    if t.endswith("*") or t.endswith("* const") or _struct_of(t, api):
         return True
     return False
 
@@ -193,16 +213,22 @@ def _result(fn: Function, outs: list[Arg], api: ApiDescription) -> Result:
     ret = fn.ret.type.strip()
     typed = [a for a in outs if a.type.startswith("virTypedParameterPtr")]
     lists = [a for a in outs if a.type.endswith("**") or a.type in STRING_LIST_TYPES]
-    structs = [a for a in outs if a.type.endswith("Ptr") and a.type[:-3] in api.structs]
-    scalars = [a for a in outs if a.type.rstrip(" *") in INT_TYPES | {"char", "double"}
+    structs = [a for a in outs if _struct_of(a.type, api)]
+    scalars = [a for a in outs if a.type.rstrip(" *") in INT_TYPES | {"double"}
                and a not in lists and a.name not in ("nparams", "maxparams", "size", "maxlen")]
+    if ret in STRING_TYPES and outs and all(a.type.rstrip(" *") in INT_TYPES for a in outs):
+        # a string and out-integers: the binding returns them together (virDomainGetSchedulerType)
+        return Result("outargs", "object", ("return", *(a.name for a in outs)), (None,) * (1 + len(outs)),
+                      ("string", *("integer" for _ in outs)))
     if ret in KIND_OF_CTYPE or ret in STRING_TYPES or ret in ("double",) or ret == "void":
         kind = value_kind(ret, "return", api)[0] if ret != "void" else "null"
         return Result("value", kind, enums=(None,))
     if typed:
         return Result("value", "typedparams")
+    if len(structs) == 1 and len(outs) == 1 and "array" in structs[0].info:
+        return Result("value", "any")  # an array of structs: the binding returns a list or a dict
     if len(structs) == 1 and len(outs) - len(scalars) == 1:
-        st = api.structs[structs[0].type[:-3]]
+        st = api.structs[_struct_of(structs[0].type, api)]
         kinds = tuple(value_kind(f.type, f.name, api, f.info)[0] for f in st.fields)
         enums = tuple(enum_in(f.info, api, f.name) for f in st.fields)
         return Result("struct", "object", tuple(f.name for f in st.fields), enums, kinds)
@@ -227,6 +253,8 @@ def _result(fn: Function, outs: list[Arg], api: ApiDescription) -> Result:
         return Result("value", "bytes")
     if len(outs) == 1 and outs[0].name == "uuid":
         return Result("value", "uuid")
+    if len(outs) == 1 and outs[0].type.strip() == "char *":
+        return Result("value", "string")
     if len(outs) == 1 and outs[0].type.rstrip(" *") in INT_TYPES and not outs[0].type.endswith("**"):
         if outs[0].name not in ("ids", "freeMems", "cpumap", "cpumaps"):
             enum = enum_in(outs[0].info, api, outs[0].name, strict=True)
@@ -263,7 +291,7 @@ def build_method(fn: Function, binding: Binding | None, api: ApiDescription) -> 
         else:
             kind, enum, name, ctype, info = "any", None, p.name, "", "binding-only parameter"
             m.notes.append(f"{p.name}: parameter of the Python binding with no C counterpart")
-        nullable = (p.has_default and p.default is None) or "NULL" in info
+        nullable = (p.has_default and p.default is None) or "NULL" in info or _null_in_doc(fn.info, name)
         params.append(Param(name, p.name, kind, ctype, not p.has_default, nullable, info, enum))
     m.params = tuple(params)
     outs = [a for a in fn.args if a.name not in used and a is not m.self_arg and _is_out(a, api)]

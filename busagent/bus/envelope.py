@@ -39,7 +39,10 @@ def decode_request(data: bytes) -> Request:
     body = msg.body
     if isinstance(body, memoryview):  # a view into proton's buffer: copy before it is freed
         body = bytes(body)
-    return Request(msg.subject, body, msg.reply_to, cid, msg.content_type, deadline, msg.user_id)
+    ctype = msg.content_type
+    if ctype in ("", "None"):  # proton 0.40 reports an absent content-type as symbol('None')
+        ctype = None
+    return Request(msg.subject, body, msg.reply_to, cid, ctype, deadline, msg.user_id)
 
 
 def parse_args(req: Request) -> Any:

@@ -10,6 +10,7 @@ import itertools
 import uuid
 from collections import OrderedDict
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 from proton import Condition, Delivery, Endpoint, Handler, Link, symbol
@@ -70,9 +71,14 @@ class AgentBus(Handler):
             log.info("listening", address=f"{self.listening[0]}:{self.listening[1]}", rpc=self.rpc_address)
         else:
             urls = list(self.settings.broker_urls)
+            auth: dict[str, Any] = {}
+            if any(urlsplit(u).username for u in urls):
+                # Credentials in the URL: insist on PLAIN. Left to choose, proton takes the
+                # ANONYMOUS that RabbitMQ offers first, and the credentials go unused.
+                auth = {"allowed_mechs": "PLAIN", "allow_insecure_mechs": True}
             self._broker_conn = self.container.connect(
                 url=urls[0], urls=urls, reconnect=Backoff(initial=0.2, max_delay=10.0),
-                container_id=f"busagent-{uuid.uuid4().hex[:8]}", handler=self)
+                container_id=f"busagent-{uuid.uuid4().hex[:8]}", handler=self, **auth)
             session = self._broker_conn.session()
             session.open()
             rcv = session.receiver(f"rpc-{self.rpc_address}")
@@ -234,7 +240,14 @@ class AgentBus(Handler):
         if self._relay is not None:
             return self._relay
         link = self._senders.get(address)
+        if link is not None and (link.state & (Endpoint.LOCAL_CLOSED | Endpoint.REMOTE_CLOSED)
+                                 or link.session.state & (Endpoint.LOCAL_CLOSED | Endpoint.REMOTE_CLOSED)):
+            # The broker refused or dropped it (a refused attach ends its whole session): try anew.
+            del self._senders[address]
+            self._close_sender(link)
+            link = None
         if link is None:
+            # One session per reply sender: a refused attach ends only its own session.
             link = self._broker_conn.session().sender(f"reply-{address}")
             link.snd_settle_mode = Link.SND_SETTLED
             link.target.address = address
@@ -243,10 +256,18 @@ class AgentBus(Handler):
             self._senders[address] = link
             while len(self._senders) > MAX_REPLY_SENDERS:
                 _, old = self._senders.popitem(last=False)
-                old.close()
+                self._close_sender(old)
         else:
             self._senders.move_to_end(address)
         return link
+
+    @staticmethod
+    def _close_sender(link: Link) -> None:
+        """Close a cached reply sender and its session (each has its own)."""
+        if not link.state & Endpoint.LOCAL_CLOSED:
+            link.close()
+        if not link.session.state & Endpoint.LOCAL_CLOSED:
+            link.session.close()
 
     def on_agent_stop(self, event: Any) -> None:
         self.stop()

@@ -8,11 +8,13 @@ import threading
 import uuid
 from concurrent.futures import Future
 from typing import Any
+from urllib.parse import urlsplit
 
 from proton import Delivery, Endpoint, Handler, Message, symbol
 from proton.reactor import ApplicationEvent, Container, EventInjector
 
-from busagent.bus.addressing import Profile, profile as get_profile, rpc_name
+from busagent.bus.addressing import Profile, rpc_name
+from busagent.bus.addressing import profile as get_profile
 from busagent.bus.envelope import encode_request
 from busagent.client.errors import CallError, CallTimeout, ConnectionFailed
 
@@ -40,6 +42,8 @@ class _ClientHandler(Handler):
         if c.user:
             kwargs.update(user=c.user, password=c.password, allowed_mechs="PLAIN", allow_insecure_mechs=True)
         try:
+            if not c.user and urlsplit(c.url).username:  # amqp://user:pass@host: PLAIN, not the ANONYMOUS
+                kwargs.update(allowed_mechs="PLAIN", allow_insecure_mechs=True)  # RabbitMQ offers first
             self.conn = event.container.connect(c.url, **kwargs)
         except Exception as exc:  # bad URL and the like
             c._fail_all(ConnectionFailed(str(exc)))

@@ -1,0 +1,109 @@
+"""Write ``schemas/``: per-method JSON Schemas, envelopes, the method index and an AsyncAPI 3 document."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from busagent.api.schema import BASE_ID, SCHEMA_VERSION, all_schemas
+from busagent.api.table import MethodTable, load_table
+
+
+def asyncapi(table: MethodTable) -> dict[str, Any]:
+    """AsyncAPI 3.0 description of the method-call channel (requests and replies)."""
+    methods = sorted(m.name for m in table.exposed)
+    request_headers = {
+        "type": "object",
+        "description": "AMQP 1.0 properties of a request",
+        "required": ["subject", "reply-to", "content-type"],
+        "properties": {
+            "subject": {"type": "string", "enum": methods, "description": "libvirt C function name"},
+            "message-id": {"description": "correlates the reply when correlation-id is absent"},
+            "correlation-id": {"description": "copied to the reply when present"},
+            "reply-to": {"type": "string", "description": "address the reply is sent to"},
+            "content-type": {"const": "application/json"},
+            "ttl": {"type": "integer", "description": "milliseconds; an expired request is answered 'expired'"},
+            "absolute-expiry-time": {"type": "integer"},
+        },
+    }
+    reply_headers = {
+        "type": "object",
+        "required": ["correlation-id", "content-type"],
+        "properties": {"correlation-id": {}, "content-type": {"const": "application/json"}},
+    }
+    return {
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "busagent",
+            "version": SCHEMA_VERSION,
+            "description": "libvirt's C API as AMQP 1.0 method calls. One request per call: subject = C function "
+                           "name, body = JSON arguments named as in libvirt-api.xml (see methods/<name>.json "
+                           "`properties.args`); the reply body holds `result` (methods/<name>.json "
+                           "`properties.result`) or `error` (reply.json).",
+        },
+        "defaultContentType": "application/json",
+        "servers": {
+            "direct": {"host": "127.0.0.1:5672", "protocol": "amqp1",
+                       "description": "an agent listening itself (replies to a dynamic receiver)"},
+            "rabbitmq3": {"host": "broker:5672", "protocol": "amqp1",
+                          "description": "RabbitMQ 3.x AMQP 1.0 plugin: requests on /queue/<ns>.rpc.<host>, "
+                                         "replies to the caller's /exchange/amq.direct/<id>"},
+        },
+        "channels": {
+            "rpc": {
+                "address": "{namespace}.rpc.{host}",
+                "description": "the request queue of one host's agent (wire address per broker profile)",
+                "parameters": {"namespace": {"default": "libvirt"}, "host": {"description": "host id"}},
+                "messages": {"request": {"$ref": "#/components/messages/request"}},
+            },
+            "reply": {
+                "address": None,
+                "description": "the caller's reply address, from the request's reply-to",
+                "messages": {"reply": {"$ref": "#/components/messages/reply"}},
+            },
+        },
+        "operations": {
+            "call": {
+                "action": "receive",
+                "channel": {"$ref": "#/channels/rpc"},
+                "summary": "the agent receives a method call",
+                "messages": [{"$ref": "#/channels/rpc/messages/request"}],
+                "reply": {"channel": {"$ref": "#/channels/reply"},
+                          "address": {"location": "$message.header#/reply-to"},
+                          "messages": [{"$ref": "#/channels/reply/messages/reply"}]},
+            },
+        },
+        "components": {
+            "messages": {
+                "request": {"name": "request", "contentType": "application/json", "headers": request_headers,
+                            "payload": {"$ref": f"{BASE_ID}/{SCHEMA_VERSION}/request.json"},
+                            "correlationId": {"location": "$message.header#/message-id"}},
+                "reply": {"name": "reply", "contentType": "application/json", "headers": reply_headers,
+                          "payload": {"$ref": f"{BASE_ID}/{SCHEMA_VERSION}/reply.json"},
+                          "correlationId": {"location": "$message.header#/correlation-id"}},
+            },
+        },
+    }
+
+
+def render_all(table: MethodTable | None = None) -> dict[str, str]:
+    """Every file of ``schemas/`` by relative path, as text."""
+    table = table or load_table()
+    docs = all_schemas(table)
+    docs["asyncapi.json"] = asyncapi(table)
+    return {path: json.dumps(doc, indent=2, sort_keys=True) + "\n" for path, doc in docs.items()}
+
+
+def write_schemas(directory: str) -> int:
+    """Write (and prune) ``directory``; returns the number of files written."""
+    files = render_all()
+    for path, text in files.items():
+        full = os.path.join(directory, path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        with open(full, "w", encoding="utf-8") as f:
+            f.write(text)
+    methods_dir = os.path.join(directory, "methods")
+    for name in os.listdir(methods_dir):
+        if f"methods/{name}" not in files:
+            os.remove(os.path.join(methods_dir, name))
+    return len(files)
