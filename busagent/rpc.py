@@ -8,7 +8,6 @@ import collections
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import libvirt
 import structlog

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from proton import Endpoint
 
@@ -27,22 +29,41 @@ class RunningAgent:
         self.agent = Agent(settings.validate())
         self.agent.start_services()
         self.attach_timeout = attach_timeout
-        self.attached = threading.Event()
-        if settings.mode == "broker":  # scheduled before the reactor runs: no cross-thread use
-            self.agent.container.schedule(0, _AttachWatch(self.agent, self.attached))
-        else:
-            self.attached.set()
         self.thread = threading.Thread(target=self.agent.run, name="agent-reactor", daemon=True)
 
     def __enter__(self) -> RunningAgent:
         self.thread.start()
         if not self.agent.ready.wait(10):
             raise RuntimeError("agent did not start")
-        if not self.attached.wait(self.attach_timeout):
+        if self.agent.settings.mode == "broker" and not self.wait_attached(self.attach_timeout):
             self.__exit__(None, None, None)
             raise RuntimeError(f"agent's request receiver not attached at the broker within {self.attach_timeout} s "
-                               f"({', '.join(self.agent.settings.broker_urls)})")
+                               f"({', '.join(_redact(u) for u in self.agent.settings.broker_urls)})")
         return self
+
+    def wait_attached(self, timeout: float) -> bool:
+        """Broker mode: wait until the broker has answered the request receiver's attach."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.on_reactor(lambda: _rpc_receiver_attached(self.agent.bus), timeout=2.0):
+                return True
+            if time.monotonic() >= deadline or not self.thread.is_alive():
+                return False
+            time.sleep(0.02)
+
+    def on_reactor(self, fn: Callable[[], Any], timeout: float = 5.0) -> Any:
+        """Run ``fn`` on the agent's reactor thread and return its result (None on timeout)."""
+        done, box = threading.Event(), []
+
+        def call() -> None:
+            try:
+                box.append(fn())
+            finally:
+                done.set()
+
+        self.agent.bus.engine.call_soon_threadsafe(call)
+        done.wait(timeout)
+        return box[0] if box else None
 
     @property
     def url(self) -> str:
@@ -62,22 +83,13 @@ class RunningAgent:
         self.thread.join(10)
 
 
-class _AttachWatch:
-    """Reactor-thread poll: is the agent's request receiver attached at the broker?"""
+def _rpc_receiver_attached(bus: Any) -> bool:
+    """Reactor thread: is the agent's request receiver attached (the broker answered, no detach)?"""
+    rcv = getattr(bus, "_rpc_receiver", None)
+    return (rcv is not None and rcv.state & Endpoint.LOCAL_ACTIVE and rcv.state & Endpoint.REMOTE_ACTIVE
+            and rcv.remote_source.address is not None)
 
-    def __init__(self, agent: Agent, attached: threading.Event, period: float = 0.02) -> None:
-        self.agent, self.attached, self.period = agent, attached, period
-        self.deadline = time.monotonic() + 120  # stop polling some time, whatever happens
 
-    def on_timer_task(self, event: Any) -> None:
-        bus = self.agent.bus
-        conn = bus._broker_conn  # noqa: SLF001 - test helper of the same package
-        if conn is not None and conn.state & Endpoint.REMOTE_ACTIVE:
-            link = conn.link_head(Endpoint.LOCAL_ACTIVE | Endpoint.REMOTE_ACTIVE)
-            while link is not None:
-                if link.is_receiver and link.source.address == bus.rpc_address and link.remote_source.address:
-                    self.attached.set()
-                    return
-                link = link.next(Endpoint.LOCAL_ACTIVE | Endpoint.REMOTE_ACTIVE)
-        if time.monotonic() < self.deadline:
-            self.agent.container.schedule(self.period, self)
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    return url if parts.password is None else url.replace(f":{parts.password}@", ":***@", 1)

@@ -47,6 +47,8 @@ class ApiDescription:
 
     functions: dict[str, Function] = field(default_factory=dict)
     structs: dict[str, Struct] = field(default_factory=dict)
+    functypes: dict[str, Function] = field(default_factory=dict)
+    enum_info: dict[str, str] = field(default_factory=dict)
     constants: dict[str, int] = field(default_factory=dict)
     enum_types: dict[str, dict[int, str]] = field(default_factory=dict)
     version: str = ""
@@ -89,11 +91,12 @@ def load_api(path: str | None = None) -> ApiDescription:
     parser = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False)
     root = etree.parse(path, parser).getroot()
     api = ApiDescription()
-    for fn in root.iter("function"):
+    for fn in root.iter("function", "functype"):
         ret_el = fn.find("return")
         ret = Arg("return", ret_el.get("type"), _text(ret_el)) if ret_el is not None else Arg("return", "void")
         info_el = fn.find("info")
-        api.functions[fn.get("name")] = Function(
+        table = api.functions if fn.tag == "function" else api.functypes
+        table[fn.get("name")] = Function(
             name=fn.get("name"),
             file=fn.get("file") or "",
             version=fn.get("version") or "",
@@ -108,6 +111,7 @@ def load_api(path: str | None = None) -> ApiDescription:
     aliases: list[tuple[str, str, str]] = []
     for en in root.iter("enum"):
         name, etype = en.get("name"), en.get("type")
+        api.enum_info[name] = en.get("info") or ""
         try:
             value = int(en.get("value"), 0)
         except (TypeError, ValueError):  # an alias: its value is another constant's name

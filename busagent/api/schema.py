@@ -102,7 +102,7 @@ def result_schema(r: Result) -> dict[str, Any]:
     if r.shape == "value":
         return value_schema(r.kind, r.enums[0] if r.enums else None, for_result=True)
     props: dict[str, Any] = {}
-    for name, kind, enum in zip(r.names, r.kinds, r.enums):
+    for name, kind, enum in zip(r.names, r.kinds, r.enums, strict=True):
         props[name] = value_schema(kind, enum, for_result=True) if kind != "any" else {}
         if enum:
             props[f"{name}_name"] = {"type": ["string", "null"]}

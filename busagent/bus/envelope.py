@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from proton import Message
 
 from busagent.api.errors import AgentError, BadRequest
+from busagent.bus import codec
 
 CONTENT_TYPE = "application/json"
 
@@ -27,7 +29,22 @@ class Request:
 
 
 def decode_request(data: bytes) -> Request:
-    """Decode a transfer's bytes into a Request (proton's decoder; raises on garbage)."""
+    """Decode a transfer's bytes into a Request (fast path, else proton's decoder; raises on garbage)."""
+    try:
+        f = codec.decode(data)
+    except (codec.Unsupported, IndexError, UnicodeDecodeError, struct.error):
+        return _decode_with_proton(data)
+    deadline = None
+    if f["expiry_time"]:
+        deadline = f["expiry_time"] / 1000.0
+    elif f.get("ttl") and f["creation_time"]:
+        deadline = (f["creation_time"] + f["ttl"]) / 1000.0
+    cid = f["correlation_id"] if f["correlation_id"] is not None else f["id"]
+    return Request(f["subject"], f.get("body"), f["reply_to"], cid, f["content_type"] or None, deadline,
+                   f["user_id"])
+
+
+def _decode_with_proton(data: bytes) -> Request:
     msg = Message()
     msg.decode(data)
     deadline = None
@@ -79,6 +96,10 @@ def reply_body(result: Any = None, result_name: str | None = None, error: AgentE
 
 def encode_reply(body: bytes, correlation_id: Any, address: str | None = None, subject: str | None = None) -> bytes:
     """Encode a reply message (data section, JSON content type) to transfer bytes."""
+    try:
+        return codec.encode_reply(body, correlation_id, address, subject)
+    except codec.Unsupported:
+        pass
     msg = Message(body=body, inferred=True, correlation_id=correlation_id,
                   content_type=CONTENT_TYPE, address=address, subject=subject)
     return msg.encode()

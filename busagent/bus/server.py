@@ -1,24 +1,28 @@
-"""The agent's one proton handler: serves method calls on the reactor thread.
+"""The agent's bus side: serves method calls and publishes on proton's engine.
 
-Lean by design: a bare ``proton.Handler`` (no MessagingHandler child chain),
-credit topped up in bulk, replies sent pre-settled, requests settled once
-their reply is on the wire. libvirt work runs on ``ReactorWorkers``.
+Lean by design: no per-event Python objects (see engine.py); credit topped up
+in bulk; replies sent pre-settled; a request is settled once its reply is on
+the wire. libvirt work runs on ``ReactorWorkers``.
 """
 from __future__ import annotations
 
+import collections
 import itertools
+import json
+import threading
 import uuid
 from collections import OrderedDict
 from typing import Any
-from urllib.parse import urlsplit
 
 import structlog
-from proton import Condition, Delivery, Endpoint, Handler, Link, symbol
-from proton.reactor import Backoff
+from proton import Condition, Connection, Delivery, Endpoint, Transport, symbol
+from proton import Link as PnLink
 
 from busagent.api.errors import Internal
 from busagent.bus.addressing import Profile, rpc_name
+from busagent.bus.engine import Application, Engine, Link, _redact
 from busagent.bus.envelope import decode_request, encode_reply, reply_body
+from busagent.bus.topics import Stamper, pattern_regex
 from busagent.bus.workers import ReactorWorkers
 from busagent.config import Settings
 from busagent.rpc import Outcome, RpcService
@@ -26,6 +30,9 @@ from busagent.rpc import Outcome, RpcService
 log = structlog.get_logger("busagent.bus")
 ANONYMOUS_RELAY = symbol("ANONYMOUS-RELAY")
 MAX_REPLY_SENDERS = 1024
+MAX_QUEUED_PER_SUBSCRIBER = 10_000
+UNINIT, ACTIVE, CLOSED = Endpoint.LOCAL_UNINIT, Endpoint.LOCAL_ACTIVE, Endpoint.LOCAL_CLOSED
+R_ACTIVE, R_CLOSED = Endpoint.REMOTE_ACTIVE, Endpoint.REMOTE_CLOSED
 
 
 class Job:
@@ -38,86 +45,133 @@ class Job:
         self.request = request
 
 
-class AgentBus(Handler):
-    """Accepts (direct mode) or opens (broker mode) AMQP connections and serves requests."""
+def _each(head: Any, mask: int) -> list[Any]:
+    """Every session or link of a connection whose state has all bits of ``mask``."""
+    out, endpoint = [], head(mask)
+    while endpoint is not None:
+        out.append(endpoint)
+        endpoint = endpoint.next(mask)
+    return out
+
+
+def _close_with_session(link: Any) -> None:
+    """Close a broker-mode reply sender and the session it has to itself."""
+    if not link.state & CLOSED:
+        link.close()
+    if not link.session.state & CLOSED:
+        link.session.close()
+
+
+class AgentBus(Application):
+    """Accepts (direct mode) or opens (broker mode) AMQP connections; serves and publishes."""
 
     def __init__(self, settings: Settings, profile: Profile, host_id: str, service: RpcService) -> None:
-        super().__init__()
         self.settings = settings
         self.profile = profile
         self.host_id = host_id
         self.rpc_address = profile.request_queue(rpc_name(settings.namespace, host_id))
         self.service = service
-        self.workers = ReactorWorkers(settings.workers, "rpc_done")
+        self.engine = Engine(self)
+        self.workers = ReactorWorkers(settings.workers, self.engine.call_soon_threadsafe, self._on_results)
         self.credit = settings.credit
+        self.stamper = Stamper()
+        self.published = collections.Counter()
         self._tags = itertools.count()
-        self._dynamic: dict[str, Link] = {}  # direct mode: reply address -> sender link
-        self._senders: OrderedDict[str, Link] = OrderedDict()  # broker mode: per-address cache
-        self._relay: Link | None = None
-        self._broker_conn = None
-        self.container = None
-        self.acceptor = None
-        self.listening = None  # (host, port) once listening
+        self._dynamic: dict[str, PnLink] = {}  # direct mode: reply address -> sender link
+        self._subscriptions: list[tuple[Any, PnLink]] = []  # direct mode: (pattern regex, sender)
+        self._senders: OrderedDict[str, PnLink] = OrderedDict()  # broker mode: per-address cache
+        self._relay: PnLink | None = None
+        self._rpc_receiver: PnLink | None = None
+        self._broker: Link | None = None
+        self._outbox: collections.deque[tuple[str, str, dict]] = collections.deque()
+        self._outbox_lock = threading.Lock()
+        self._outbox_pending = False
+        self.listening: tuple[str, int] | None = None
+        self.broker_ready = threading.Event()
+
+    @property
+    def properties(self) -> dict[Any, Any]:
+        return {symbol("busagent-host"): self.host_id, symbol("busagent-rpc"): self.rpc_address,
+                symbol("busagent-epoch"): self.stamper.epoch}
 
     # -- start-up -------------------------------------------------------------------------
-    def on_reactor_init(self, event: Any) -> None:
-        self.container = event.container
-        self.container.selectable(self.workers.injector)
+    def start(self) -> None:
+        """Listen or connect (before ``run``)."""
         if self.settings.mode == "direct":
             host, _, port = self.settings.listen.rpartition(":")
-            self.acceptor = self.container.acceptor(host or "127.0.0.1", int(port))
-            sock = self.acceptor._selectable._delegate  # noqa: SLF001 - the bound port, for port 0
-            self.listening = sock.getsockname()[:2]
+            self.listening = self.engine.listen(host.strip("[]") or "127.0.0.1", int(port))
             log.info("listening", address=f"{self.listening[0]}:{self.listening[1]}", rpc=self.rpc_address)
-        else:
-            urls = list(self.settings.broker_urls)
-            auth: dict[str, Any] = {}
-            if any(urlsplit(u).username for u in urls):
-                # Credentials in the URL: insist on PLAIN. Left to choose, proton takes the
-                # ANONYMOUS that RabbitMQ offers first, and the credentials go unused.
-                auth = {"allowed_mechs": "PLAIN", "allow_insecure_mechs": True}
-            self._broker_conn = self.container.connect(
-                url=urls[0], urls=urls, reconnect=Backoff(initial=0.2, max_delay=10.0),
-                container_id=f"busagent-{uuid.uuid4().hex[:8]}", handler=self, **auth)
-            session = self._broker_conn.session()
-            session.open()
-            rcv = session.receiver(f"rpc-{self.rpc_address}")
-            rcv.source.address = self.rpc_address
-            rcv.target.address = self.rpc_address
-            rcv.open()
-            rcv.flow(self.credit)
-            log.info("connecting", urls=urls, rpc=self.rpc_address)
+            return
+        conn = Connection()
+        conn.container = f"busagent-{self.host_id}-{uuid.uuid4().hex[:8]}"
+        conn.properties = self.properties
+        conn.open()
+        urls = tuple(self.settings.broker_urls)
+        self._broker = self.engine.connect(conn, urls)
+        log.info("connecting", urls=[_redact(u) for u in urls], rpc=self.rpc_address)
 
-    def on_connection_bound(self, event: Any) -> None:
-        if self.settings.mode == "direct":  # every connection is an accepted one
-            event.transport.sasl().allowed_mechs("ANONYMOUS")
+    def run(self) -> None:
+        self.engine.run()
+
+    def stop_threadsafe(self) -> None:
+        self.engine.call_soon_threadsafe(self.stop)
+
+    def stop(self) -> None:
+        """Close connections and stop the loop (reactor thread)."""
+        if self._broker is not None:
+            self.engine.close_link(self._broker)
+        for link in list(self.engine.links.values()):
+            if link.connection.state & ACTIVE:
+                link.connection.close()
+        self.engine.stop()
+
+    # -- engine callbacks -----------------------------------------------------------------
+    def configure_server_transport(self, transport: Transport, conn: Connection) -> None:
+        transport.sasl().allowed_mechs("ANONYMOUS")
+        conn.container = f"busagent-{self.host_id}"
+        conn.properties = self.properties
+
+    def connected(self, link: Link) -> None:
+        link.app["remote_open"] = False
+
+    def connection_lost(self, link: Link, reason: str) -> None:
+        conn = link.connection
+        for address, snd in list(self._dynamic.items()):
+            if snd.connection == conn:
+                del self._dynamic[address]
+        self._subscriptions = [(rx, s) for rx, s in self._subscriptions if s.connection != conn]
+        if link is self._broker:
+            self.broker_ready.clear()
+            log.warning("broker connection lost", reason=reason)
+        elif not reason.startswith("amqp:connection:forced"):
+            log.debug("peer disconnected", reason=reason)
+
+    def process(self, link: Link) -> None:
+        conn = link.connection
+        if conn.state & UNINIT:
+            conn.open()
+        if link is self._broker and not link.app.get("remote_open") and conn.state & R_ACTIVE:
+            link.app["remote_open"] = True
+            self._resume_broker(conn)
+        for ssn in _each(conn.session_head, UNINIT | R_ACTIVE):
+            ssn.open()
+        for lnk in _each(conn.link_head, UNINIT | R_ACTIVE):
+            self._attach(lnk, link)
+        for rcv in _each(conn.link_head, ACTIVE | R_ACTIVE) if link.app.get("has_receivers") else ():
+            if rcv.is_receiver:
+                self._receive(rcv)
+        for lnk in _each(conn.link_head, ACTIVE | R_CLOSED):
+            self._forget(lnk)
+            lnk.close()
+        for ssn in _each(conn.session_head, ACTIVE | R_CLOSED):
+            ssn.close()
+        if conn.state & R_CLOSED and conn.state & ACTIVE:
+            conn.close()
 
     # -- endpoints ------------------------------------------------------------------------
-    def on_connection_remote_open(self, event: Any) -> None:
-        conn = event.connection
-        if conn.state & Endpoint.LOCAL_UNINIT:
-            conn.container = f"busagent-{self.host_id}"
-            conn.properties = {symbol("busagent-host"): self.host_id, symbol("busagent-rpc"): self.rpc_address}
-            conn.open()
-        if conn == self._broker_conn:
-            offered = conn.remote_offered_capabilities or []
-            if ANONYMOUS_RELAY in list(offered) and self._relay is None:
-                self._relay = conn.session().sender("busagent-relay")
-                self._relay.snd_settle_mode = Link.SND_SETTLED
-                self._relay.target.address = None
-                self._relay.session.open()
-                self._relay.open()
-            log.info("broker connected", relay=self._relay is not None)
-
-    def on_session_remote_open(self, event: Any) -> None:
-        if event.session.state & Endpoint.LOCAL_UNINIT:
-            event.session.open()
-
-    def on_link_remote_open(self, event: Any) -> None:
-        link = event.link
-        if not link.state & Endpoint.LOCAL_UNINIT:
-            return
+    def _attach(self, link: PnLink, owner: Link) -> None:
         if link.is_receiver:
+            owner.app["has_receivers"] = True
             address = link.remote_target.address
             if address != self.rpc_address:
                 self._refuse(link, f"this agent serves {self.rpc_address}, not {address}")
@@ -126,68 +180,104 @@ class AgentBus(Handler):
             link.open()
             link.flow(self.credit)
             return
-        if link.remote_source.dynamic:
+        source = link.remote_source
+        if source.dynamic:
             address = f"{self.rpc_address}.reply.{uuid.uuid4().hex}"
             link.source.address = address
-            link.snd_settle_mode = Link.SND_SETTLED
+            link.snd_settle_mode = PnLink.SND_SETTLED
             self._dynamic[address] = link
             link.open()
             return
-        self._refuse(link, f"no such source: {link.remote_source.address}")
+        pattern = source.address or ""
+        if pattern.startswith(f"{self.settings.namespace}.") or pattern.startswith("#"):
+            link.source.address = pattern
+            link.snd_settle_mode = PnLink.SND_SETTLED
+            self._subscriptions.append((pattern_regex(pattern), link))
+            link.open()
+            return
+        self._refuse(link, f"no such source: {pattern!r}")
 
-    def _refuse(self, link: Link, why: str) -> None:
+    def _refuse(self, link: PnLink, why: str) -> None:
         link.condition = Condition("amqp:not-found", why)
         link.open()
         link.close()
 
-    def on_link_remote_close(self, event: Any) -> None:
-        self._forget(event.link)
-        if not event.link.state & Endpoint.LOCAL_CLOSED:
-            event.link.close()
-
-    def on_session_remote_close(self, event: Any) -> None:
-        if not event.session.state & Endpoint.LOCAL_CLOSED:
-            event.session.close()
-
-    def on_connection_remote_close(self, event: Any) -> None:
-        self._forget_connection(event.connection)
-        if not event.connection.state & Endpoint.LOCAL_CLOSED:
-            event.connection.close()
-
-    def on_transport_closed(self, event: Any) -> None:
-        if event.connection is not None:
-            self._forget_connection(event.connection)
-
-    def _forget(self, link: Link) -> None:
+    def _forget(self, link: PnLink) -> None:
         address = link.source.address
         if address and self._dynamic.get(address) == link:
             del self._dynamic[address]
+        self._subscriptions = [(rx, s) for rx, s in self._subscriptions if s != link]
         if link == self._relay:
             self._relay = None
 
-    def _forget_connection(self, conn: Any) -> None:
-        for address, link in list(self._dynamic.items()):
-            if link.connection == conn:
-                del self._dynamic[address]
-        for address, link in list(self._senders.items()):
-            if link.connection == conn:
-                del self._senders[address]
-        if self._relay is not None and self._relay.connection == conn:
-            self._relay = None
+    def _resume_broker(self, conn: Connection) -> None:
+        """(Re)connected to the broker: make sure this agent's requests are consumed.
+
+        On the first connection, attach the request receiver. On a reconnection, proton
+        re-attaches what is still open locally; what the broker ended ('end' with
+        'shutdown' when RabbitMQ stops) stays closed and is made anew. Reply senders
+        that proton re-attached are cached again rather than leaked.
+        """
+        def usable(lnk: PnLink | None) -> bool:
+            return lnk is not None and bool(lnk.state & ACTIVE) and bool(lnk.session.state & ACTIVE)
+
+        rcv = self._rpc_receiver
+        if usable(rcv):
+            if rcv.credit < self.credit:
+                rcv.flow(self.credit - rcv.credit)
+        else:
+            if rcv is not None and rcv.state & ACTIVE:
+                rcv.close()
+            session = conn.session()
+            session.open()
+            rcv = session.receiver(f"rpc-{self.rpc_address}")
+            rcv.source.address = self.rpc_address
+            rcv.target.address = self.rpc_address
+            rcv.open()
+            rcv.flow(self.credit)
+            self._rpc_receiver = rcv
+            self._broker.app["has_receivers"] = True
+        self._senders.clear()
+        self._relay = None
+        offered = list(conn.remote_offered_capabilities or [])
+        for lnk in _each(conn.link_head, ACTIVE):
+            if not lnk.is_sender:
+                continue
+            if not usable(lnk):
+                lnk.close()
+            elif lnk.name == "busagent-relay":
+                self._relay = lnk
+            elif lnk.target.address:
+                self._senders[lnk.target.address] = lnk
+        if ANONYMOUS_RELAY in offered and self._relay is None:
+            self._relay = self._new_sender(conn, "busagent-relay", None)
+        self.broker_ready.set()
+        log.info("broker connected", url=_redact(self._broker.url), relay=self._relay is not None)
+
+    def _new_sender(self, conn: Connection, name: str, address: str | None) -> PnLink:
+        ssn = conn.session()
+        ssn.open()
+        snd = ssn.sender(name)
+        snd.snd_settle_mode = PnLink.SND_SETTLED
+        snd.target.address = address
+        snd.open()
+        return snd
 
     # -- requests -------------------------------------------------------------------------
-    def on_delivery(self, event: Any) -> None:
-        dlv = event.delivery
-        link = dlv.link
-        if not link.is_receiver:
-            if dlv.remote_state or dlv.remote_settled:
-                dlv.settle()
-            return
-        if dlv.partial:
-            if dlv.pending > self.settings.max_message_bytes:
-                link.condition = Condition("amqp:link:message-size-exceeded", "message too large")
-                link.close()
-            return
+    def _receive(self, link: PnLink) -> None:
+        """Take every complete message waiting on a receiver."""
+        while True:
+            dlv = link.current
+            if dlv is None or not dlv.readable:
+                return
+            if dlv.partial:
+                if dlv.pending > self.settings.max_message_bytes:
+                    link.condition = Condition("amqp:link:message-size-exceeded", "message too large")
+                    link.close()
+                return
+            self._delivery(dlv, link)
+
+    def _delivery(self, dlv: Delivery, link: PnLink) -> None:
         data = link.recv(dlv.pending)
         link.advance()
         if link.credit < self.credit // 2:
@@ -204,11 +294,10 @@ class AgentBus(Handler):
     def _handle(self, job: Job) -> Outcome:
         return self.service.handle(job.request)  # on a worker thread: never touches job.delivery
 
-    def on_rpc_done(self, event: Any) -> None:
-        for job, outcome in self.workers.drain():
+    def _on_results(self, results: list[tuple[Job, Any]]) -> None:
+        for job, outcome in results:
             if not isinstance(outcome, Outcome):  # a bug escaped RpcService: still answer
-                body = reply_body(error=Internal(f"{outcome!r}"))
-                outcome = Outcome(body, "(unknown)", "internal", 0.0)
+                outcome = Outcome(reply_body(error=Internal(f"{outcome!r}")), "(unknown)", "internal", 0.0)
             self._reply(job, outcome)
 
     def _reply(self, job: Job, outcome: Outcome) -> None:
@@ -218,65 +307,86 @@ class AgentBus(Handler):
             if sender is None:
                 self.service.stats.reject("reply_unroutable")
             else:
-                address = req.reply_to if sender == self._relay else None
-                data = encode_reply(outcome.body, req.correlation_id, address)
-                dlv = sender.delivery(str(next(self._tags)).encode())
-                sender.send(data)
-                sender.advance()
-                dlv.settle()
+                to = req.reply_to if sender == self._relay else None
+                self._send(sender, encode_reply(outcome.body, req.correlation_id, to))
         else:
             self.service.stats.reject("no_reply_to")
         dlv = job.delivery
-        if not dlv.settled and dlv.link.state & Endpoint.LOCAL_ACTIVE:
+        if not dlv.settled and dlv.link.state & ACTIVE:
             dlv.update(Delivery.ACCEPTED)
             dlv.settle()
 
-    def _sender_for(self, address: str) -> Link | None:
+    def _send(self, sender: PnLink, data: bytes) -> None:
+        dlv = sender.delivery(str(next(self._tags)).encode())
+        sender.send(data)
+        sender.advance()
+        dlv.settle()
+
+    def _sender_for(self, address: str) -> PnLink | None:
         link = self._dynamic.get(address)
         if link is not None:
             return link
-        if self._broker_conn is None:
+        if self._broker is None or not self._broker.connected:
             return None
         if self._relay is not None:
             return self._relay
         link = self._senders.get(address)
-        if link is not None and (link.state & (Endpoint.LOCAL_CLOSED | Endpoint.REMOTE_CLOSED)
-                                 or link.session.state & (Endpoint.LOCAL_CLOSED | Endpoint.REMOTE_CLOSED)):
-            # The broker refused or dropped it (a refused attach ends its whole session): try anew.
+        if link is not None and (link.state & (CLOSED | R_CLOSED) or link.session.state & (CLOSED | R_CLOSED)):
+            # The broker refused or dropped it (RabbitMQ ends the whole session of a refused
+            # attach): forget it and attach anew, or every later reply here would be lost.
             del self._senders[address]
-            self._close_sender(link)
+            _close_with_session(link)
             link = None
         if link is None:
-            # One session per reply sender: a refused attach ends only its own session.
-            link = self._broker_conn.session().sender(f"reply-{address}")
-            link.snd_settle_mode = Link.SND_SETTLED
-            link.target.address = address
-            link.session.open()
-            link.open()
+            # One session per reply sender, so that a refused attach ends only its own.
+            link = self._new_sender(self._broker.connection, f"reply-{address}", address)
             self._senders[address] = link
             while len(self._senders) > MAX_REPLY_SENDERS:
                 _, old = self._senders.popitem(last=False)
-                self._close_sender(old)
+                _close_with_session(old)  # its session too: sessions are channels at the broker
         else:
             self._senders.move_to_end(address)
         return link
 
-    @staticmethod
-    def _close_sender(link: Link) -> None:
-        """Close a cached reply sender and its session (each has its own)."""
-        if not link.state & Endpoint.LOCAL_CLOSED:
-            link.close()
-        if not link.session.state & Endpoint.LOCAL_CLOSED:
-            link.session.close()
+    # -- publishing -----------------------------------------------------------------------
+    def publish_threadsafe(self, name: str, subject: str, doc: dict[str, Any]) -> None:
+        """Queue a message for ``name`` from any thread (stamped and sent on the reactor)."""
+        self._outbox.append((name, subject, doc))
+        with self._outbox_lock:
+            if self._outbox_pending:
+                return
+            self._outbox_pending = True
+        self.engine.call_soon_threadsafe(self._flush_outbox)
 
-    def on_agent_stop(self, event: Any) -> None:
-        self.stop()
-        self.container.stop()
+    def _flush_outbox(self) -> None:
+        with self._outbox_lock:
+            self._outbox_pending = False
+        box = self._outbox
+        while box:
+            self.publish(*box.popleft())
 
-    def stop(self) -> None:
-        """Close listeners and connections (call on the reactor thread)."""
-        if self.acceptor is not None:
-            self.acceptor.close()
-        if self._broker_conn is not None:
-            self._broker_conn.close()
-        self.workers.injector.close()
+    def publish(self, name: str, subject: str, doc: dict[str, Any]) -> int:
+        """Stamp (epoch, seq) and send one message on ``name`` (reactor thread); returns receivers."""
+        doc.update(self.stamper.stamp(name))
+        body = json.dumps(doc, separators=(",", ":"), default=str).encode()
+        sent = 0
+        if self._broker is not None:
+            if self._broker.connected:
+                address = self.profile.topic(name)
+                sender = self._sender_for(address)
+                if sender is not None:
+                    self._send(sender, encode_reply(body, None, address if sender == self._relay else None, subject))
+                    sent = 1
+        else:
+            data = None
+            for rx, link in self._subscriptions:
+                if rx.match(name) is None:
+                    continue
+                if link.queued > MAX_QUEUED_PER_SUBSCRIBER:  # a stalled consumer: it sees the gap in seq
+                    self.published["dropped"] += 1
+                    continue
+                data = data or encode_reply(body, None, None, subject)
+                self._send(link, data)
+                sent += 1
+        self.published[subject] += 1
+        return sent

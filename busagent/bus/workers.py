@@ -1,57 +1,70 @@
-"""A bounded worker pool whose results come back to the reactor thread.
+"""A bounded pool of worker threads whose results come back to the reactor thread.
 
 Workers never touch proton objects: they append finished work to a queue and
-wake the reactor through proton's EventInjector, at most once per batch.
+wake the reactor (``wake(callback)``, e.g. ``Engine.call_soon_threadsafe``) at
+most once per batch.
 """
 from __future__ import annotations
 
 import collections
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from proton.reactor import ApplicationEvent, EventInjector
+_STOP = object()
 
 
 class ReactorWorkers:
-    """Run callables on threads; deliver their results to ``on_results`` on the reactor."""
+    """Run ``fn(item)`` on threads; ``on_results([(item, result), ...])`` runs on the reactor."""
 
-    def __init__(self, size: int, event_name: str = "work_done") -> None:
-        self._pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="libvirt-call")
-        self.injector = EventInjector()
-        self._event_name = event_name
+    def __init__(self, size: int, wake: Callable[[Callable[[], None]], None],
+                 on_results: Callable[[list[tuple[Any, Any]]], None]) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._done: collections.deque[tuple[Any, Any]] = collections.deque()
+        self._wake, self._on_results = wake, on_results
         self._pending_wakeup = False
         self._lock = threading.Lock()
         self.in_flight = 0
+        self._threads = [threading.Thread(target=self._loop, name=f"libvirt-call-{i}", daemon=True)
+                         for i in range(size)]
+        for t in self._threads:
+            t.start()
 
     def submit(self, fn: Callable[[Any], Any], item: Any) -> None:
-        """Run ``fn(item)`` on a worker (call from the reactor thread)."""
+        """Queue ``fn(item)`` (reactor thread)."""
         self.in_flight += 1
-        self._pool.submit(self._run, fn, item)
+        self._queue.put((fn, item))
 
-    def _run(self, fn: Callable[[Any], Any], item: Any) -> None:
-        try:
-            out = fn(item)
-        except BaseException as exc:  # the reactor decides what an unexpected failure means
-            out = exc
-        self._done.append((item, out))
-        with self._lock:
-            if self._pending_wakeup:
+    def _loop(self) -> None:
+        while True:
+            work = self._queue.get()
+            if work is _STOP:
                 return
-            self._pending_wakeup = True
-        self.injector.trigger(ApplicationEvent(self._event_name))
+            fn, item = work
+            try:
+                out = fn(item)
+            except BaseException as exc:  # the reactor decides what an unexpected failure means
+                out = exc
+            self._done.append((item, out))
+            with self._lock:
+                if self._pending_wakeup:
+                    continue
+                self._pending_wakeup = True
+            self._wake(self._deliver)
 
-    def drain(self) -> list[tuple[Any, Any]]:
-        """Take every finished (item, result) pair (call from the reactor thread)."""
+    def _deliver(self) -> None:
         with self._lock:
             self._pending_wakeup = False
-        out = []
-        while self._done:
-            out.append(self._done.popleft())
+        done, out = self._done, []
+        while done:
+            out.append(done.popleft())
         self.in_flight -= len(out)
-        return out
+        if out:
+            self._on_results(out)
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self.injector.close()
+    def close(self, timeout: float = 5.0) -> None:
+        for _ in self._threads:
+            self._queue.put(_STOP)
+        for t in self._threads:
+            t.join(timeout)
