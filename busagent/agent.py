@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import signal
 import threading
+from typing import Any
 
 import structlog
 
 from busagent.api.dispatch import Dispatcher
 from busagent.bus.addressing import profile as get_profile
 from busagent.bus.server import AgentBus
+from busagent.bus.topics import event_name
 from busagent.config import Settings
+from busagent.events import EventRegistrar, EventSpec
 from busagent.rpc import RpcService
 from busagent.virt.connection import HypervisorConnection, open_with_retry
 from busagent.virt.eventloop import ensure_event_loop
@@ -36,8 +39,31 @@ class Agent:
         service = RpcService(dispatcher)
         self.bus = AgentBus(self.settings, get_profile(self.settings.profile), self.host_id, service)
         self.bus.start()
+        self.events = EventRegistrar(self._on_event)
+        self.events.register(self.hypervisor.get())
+        self.hypervisor.on_open.append(self._hypervisor_opened)
+        self.hypervisor.on_lost.append(self._hypervisor_lost)
+        self.hypervisor.start_supervisor()
+        self.bus.start_presence(self.settings.presence_interval, {
+            "uri": self.settings.uri, "rpc": self.bus.rpc_address, "started": self.bus.stamper.started})
         log.info("agent starting", host_id=self.host_id, uri=self.settings.uri, mode=self.settings.mode,
                  methods=dispatcher.table.coverage_line())
+
+    def _on_event(self, spec: EventSpec, obj: dict[str, Any], data: dict[str, Any]) -> None:
+        """A libvirt callback (libvirt's event-loop thread): hand it to the bus."""
+        self.publish_event(spec.kind, {"object": obj, "data": data})
+
+    def publish_event(self, kind: str, fields: dict[str, Any]) -> None:
+        name = event_name(self.settings.namespace, self.host_id, kind)
+        self.bus.publish_threadsafe(name, kind, {"kind": kind, "host": self.host_id, **fields})
+
+    def _hypervisor_lost(self, why: str) -> None:
+        self.publish_event("agent.hypervisor_lost", {"data": {"uri": self.settings.uri, "why": why}})
+
+    def _hypervisor_opened(self, conn: Any, generation: int) -> None:
+        self.events.register(conn)
+        self.publish_event("agent.hypervisor_connected", {"data": {
+            "uri": self.settings.uri, "generation": generation, "events": len(self.events.registered)}})
 
     def run(self) -> None:
         """Run the reactor on the calling thread until stopped."""

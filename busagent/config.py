@@ -28,6 +28,10 @@ class Settings:
     credit: int = 500
     max_message_bytes: int = 1 << 20
     log_level: str = "info"
+    presence_interval: float = 5.0  # heartbeat period; the heartbeat lives 3 periods
+    snapshot_interval: float = 60.0  # periodic full object snapshot
+    sample_interval: float = 10.0  # statistics sampler period
+    metrics_listen: str = "127.0.0.1:9177"  # Prometheus endpoint ('' turns it off)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> Settings:
@@ -39,6 +43,8 @@ class Settings:
             raise ConfigError("broker mode needs at least one broker URL")
         if self.mode == "direct" and self.profile != "direct":
             raise ConfigError("direct mode uses the 'direct' profile")
+        if self.presence_interval <= 0 or self.snapshot_interval <= 0 or self.sample_interval <= 0:
+            raise ConfigError("intervals must be positive")
         if not 1 <= self.workers <= 256:
             raise ConfigError("workers must be between 1 and 256")
         if not self.namespace or any(c in self.namespace for c in "/ #*"):
@@ -50,7 +56,9 @@ _FILE_KEYS = {  # TOML section.key -> Settings field
     "libvirt.uri": "uri", "bus.mode": "mode", "bus.listen": "listen", "bus.urls": "broker_urls",
     "bus.profile": "profile", "bus.namespace": "namespace", "agent.host_id": "host_id",
     "agent.workers": "workers", "bus.credit": "credit", "limits.max_message_bytes": "max_message_bytes",
-    "log.level": "log_level",
+    "log.level": "log_level", "agent.presence_interval": "presence_interval",
+    "agent.snapshot_interval": "snapshot_interval", "stats.interval": "sample_interval",
+    "metrics.listen": "metrics_listen",
 }
 
 
@@ -58,6 +66,8 @@ def _coerce(name: str, value: Any) -> Any:
     kind = {f.name: f.type for f in fields(Settings)}[name]
     if kind == "int":
         return int(value)
+    if kind == "float":
+        return float(value)
     if kind == "tuple[str, ...]":
         return tuple(value.split(",") if isinstance(value, str) else value)
     return str(value)

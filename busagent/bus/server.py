@@ -15,14 +15,14 @@ from collections import OrderedDict
 from typing import Any
 
 import structlog
-from proton import Condition, Connection, Delivery, Endpoint, Transport, symbol
+from proton import Condition, Connection, Delivery, Endpoint, Message, Transport, symbol
 from proton import Link as PnLink
 
 from busagent.api.errors import Internal
 from busagent.bus.addressing import Profile, rpc_name
 from busagent.bus.engine import Application, Engine, Link, _redact
 from busagent.bus.envelope import decode_request, encode_reply, reply_body
-from busagent.bus.topics import Stamper, pattern_regex
+from busagent.bus.topics import Stamper, pattern_regex, presence_name
 from busagent.bus.workers import ReactorWorkers
 from busagent.config import Settings
 from busagent.rpc import Outcome, RpcService
@@ -118,6 +118,8 @@ class AgentBus(Application):
 
     def stop(self) -> None:
         """Close connections and stop the loop (reactor thread)."""
+        if getattr(self, "_presence", None):
+            self._presence_beat("death")
         if self._broker is not None:
             self.engine.close_link(self._broker)
         for link in list(self.engine.links.values()):
@@ -365,11 +367,13 @@ class AgentBus(Application):
         while box:
             self.publish(*box.popleft())
 
-    def publish(self, name: str, subject: str, doc: dict[str, Any]) -> int:
+    def publish(self, name: str, subject: str, doc: dict[str, Any], ttl: float | None = None) -> int:
         """Stamp (epoch, seq) and send one message on ``name`` (reactor thread); returns receivers."""
         doc.update(self.stamper.stamp(name))
         body = json.dumps(doc, separators=(",", ":"), default=str).encode()
         sent = 0
+        if ttl is not None:
+            return self._publish_with_ttl(name, subject, body, ttl)
         if self._broker is not None:
             if self._broker.connected:
                 address = self.profile.topic(name)
@@ -390,3 +394,39 @@ class AgentBus(Application):
                 sent += 1
         self.published[subject] += 1
         return sent
+
+    def _publish_with_ttl(self, name: str, subject: str, body: bytes, ttl: float) -> int:
+        """Publish with an AMQP time-to-live (presence): proton's encoder, rare enough."""
+        msg = Message(body=body, inferred=True, subject=subject, content_type="application/json", ttl=ttl,
+                      durable=False)
+        sent = 0
+        if self._broker is not None:
+            address = self.profile.topic(name)
+            sender = self._sender_for(address) if self._broker.connected else None
+            if sender is not None:
+                if sender == self._relay:
+                    msg.address = address
+                self._send(sender, msg.encode())
+                sent = 1
+        else:
+            data = msg.encode()
+            for rx, link in self._subscriptions:
+                if rx.match(name) is not None and link.queued <= MAX_QUEUED_PER_SUBSCRIBER:
+                    self._send(link, data)
+                    sent += 1
+        self.published[subject] += 1
+        return sent
+
+    # -- presence -------------------------------------------------------------------------
+    def start_presence(self, interval: float, info: dict[str, Any]) -> None:
+        """Birth now, a heartbeat every ``interval`` (each lives three intervals)."""
+        self._presence = (interval, info)
+        self.engine.call_soon_threadsafe(lambda: self._presence_beat("birth"))
+
+    def _presence_beat(self, state: str) -> None:
+        interval, info = self._presence
+        self.publish(presence_name(self.settings.namespace, self.host_id), "presence",
+                     {"kind": "presence", "host": self.host_id, "state": state, "ttl": interval * 3, **info},
+                     ttl=interval * 3)
+        if state != "death" and not self.engine._stopping:  # noqa: SLF001
+            self.engine.call_later(interval, lambda: self._presence_beat("alive"))

@@ -62,7 +62,8 @@ class Stamper:
     def stamp(self, name: str) -> dict[str, object]:
         self.seq += 1
         self.kind_seq[name] += 1
-        return {"epoch": self.epoch, "seq": self.seq, "kind_seq": self.kind_seq[name], "timestamp": time.time()}
+        return {"topic": name, "epoch": self.epoch, "seq": self.seq, "kind_seq": self.kind_seq[name],
+                "timestamp": time.time()}
 
     def position(self) -> dict[str, object]:
         """Where the stream stands now (for a resync reply)."""

@@ -1,8 +1,15 @@
-"""The agent's hypervisor connection: opened once, kept open, reopened when it drops."""
+"""The agent's hypervisor connection: opened once, kept open, reopened when it drops.
+
+libvirt's close callback (and keepalive) only work through a daemon; with them, a
+supervisor thread notices the loss, tells ``on_lost`` listeners, reconnects with
+capped backoff and tells ``on_open`` listeners (which register events again and
+publish a fresh snapshot). Drivers without a daemon (``test:///``) never drop.
+"""
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import libvirt
 import structlog
@@ -16,17 +23,30 @@ def _quiet(_ctx: object, _err: object) -> None:
 
 libvirt.registerErrorHandler(_quiet, None)
 
+OpenListener = Callable[[libvirt.virConnect, int], None]
+LostListener = Callable[[str], None]
+
 
 class HypervisorConnection:
     """Thread-safe holder of one libvirt connection to ``uri``."""
 
-    def __init__(self, uri: str, readonly: bool = False) -> None:
+    def __init__(self, uri: str, readonly: bool = False, keepalive: tuple[int, int] = (5, 3)) -> None:
         self.uri = uri
         self.readonly = readonly
+        self.keepalive = keepalive
         self._conn: libvirt.virConnect | None = None
         self._lock = threading.Lock()
         self._alive = False
+        self._lost = threading.Event()
+        self._stopping = False
         self.generation = 0  # bumped at every (re)open
+        self.on_open: list[OpenListener] = []
+        self.on_lost: list[LostListener] = []
+        self.losses = 0
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
 
     def open(self) -> libvirt.virConnect:
         """Open (or reopen) the connection; raises libvirtError when the hypervisor is unreachable."""
@@ -36,17 +56,45 @@ class HypervisorConnection:
             opener = libvirt.openReadOnly if self.readonly else libvirt.open
             conn = opener(self.uri)
             try:
+                conn.setKeepAlive(*self.keepalive)
+            except libvirt.libvirtError:
+                pass  # only remote connections have keepalive
+            try:
                 conn.registerCloseCallback(self._closed, None)
             except libvirt.libvirtError:
                 pass  # drivers without a remote transport have no close callback
-            self._conn, self._alive = conn, True
+            old, self._conn, self._alive = self._conn, conn, True
+            self._lost.clear()
             self.generation += 1
-            log.info("hypervisor connected", uri=self.uri, generation=self.generation)
-            return conn
+            generation = self.generation
+        if old is not None:
+            try:
+                old.close()
+            except libvirt.libvirtError:
+                pass
+        log.info("hypervisor connected", uri=self.uri, generation=generation)
+        for listener in list(self.on_open):
+            try:
+                listener(conn, generation)
+            except Exception:
+                log.exception("on_open listener failed")
+        return conn
 
     def _closed(self, _conn: libvirt.virConnect, reason: int, _opaque: object) -> None:
+        self._mark_lost(f"close callback, reason {reason}")
+
+    def _mark_lost(self, why: str) -> None:
+        if not self._alive:
+            return
         self._alive = False
-        log.warning("hypervisor connection closed", uri=self.uri, reason=reason)
+        self.losses += 1
+        log.warning("hypervisor connection lost", uri=self.uri, why=why)
+        for listener in list(self.on_lost):
+            try:
+                listener(why)
+            except Exception:
+                log.exception("on_lost listener failed")
+        self._lost.set()
 
     def get(self) -> libvirt.virConnect:
         """The live connection, reopened first if it dropped."""
@@ -58,7 +106,35 @@ class HypervisorConnection:
     def hostname(self) -> str:
         return self.get().getHostname()
 
+    def start_supervisor(self, initial: float = 0.5, cap: float = 10.0) -> None:
+        """Reconnect in the background whenever the connection is lost."""
+        threading.Thread(target=self._supervise, args=(initial, cap), name="libvirt-supervisor",
+                         daemon=True).start()
+
+    def _supervise(self, initial: float, cap: float) -> None:
+        while not self._stopping:
+            self._lost.wait(1.0)
+            if self._stopping or not self._lost.is_set():
+                conn = self._conn
+                if conn is not None and self._alive:  # keepalive failure without a close callback
+                    try:
+                        if not conn.isAlive():
+                            self._mark_lost("isAlive() is false")
+                    except libvirt.libvirtError as exc:
+                        self._mark_lost(str(exc))
+                continue
+            delay = initial
+            while not self._stopping and not self._alive:
+                try:
+                    self.open()
+                except libvirt.libvirtError as exc:
+                    log.warning("hypervisor reconnect failed", uri=self.uri, error=str(exc), retry_in=delay)
+                    time.sleep(delay)
+                    delay = min(cap, delay * 2)
+
     def close(self) -> None:
+        self._stopping = True
+        self._lost.set()
         with self._lock:
             if self._conn is not None:
                 try:
