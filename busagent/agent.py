@@ -13,7 +13,9 @@ from busagent.bus.server import AgentBus
 from busagent.bus.topics import event_name
 from busagent.config import Settings
 from busagent.events import EventRegistrar, EventSpec
+from busagent.objects import ObjectCatalog, ObjectPublisher
 from busagent.rpc import RpcService
+from busagent.stats_wiring import attach_stats
 from busagent.virt.connection import HypervisorConnection, open_with_retry
 from busagent.virt.eventloop import ensure_event_loop
 
@@ -23,8 +25,10 @@ log = structlog.get_logger("busagent.agent")
 class Agent:
     """One agent: serves one hypervisor on one bus."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, with_stats: bool = True) -> None:
         self.settings = settings
+        self.with_stats = with_stats
+        self.stats = None
         self.hypervisor = HypervisorConnection(settings.uri)
         self.host_id = ""
         self.bus: AgentBus | None = None
@@ -39,6 +43,9 @@ class Agent:
         service = RpcService(dispatcher)
         self.bus = AgentBus(self.settings, get_profile(self.settings.profile), self.host_id, service)
         self.bus.start()
+        self._start_objects(dispatcher)
+        if self.with_stats:
+            self.stats = attach_stats(self)
         self.events = EventRegistrar(self._on_event)
         self.events.register(self.hypervisor.get())
         self.hypervisor.on_open.append(self._hypervisor_opened)
@@ -49,21 +56,31 @@ class Agent:
         log.info("agent starting", host_id=self.host_id, uri=self.settings.uri, mode=self.settings.mode,
                  methods=dispatcher.table.coverage_line())
 
+    def _start_objects(self, dispatcher: Dispatcher) -> None:
+        """Object snapshots: on change (events), periodically, after a reconnect; serves busagentResync."""
+        self.objects = ObjectPublisher(ObjectCatalog(self.hypervisor.get), self.bus, self.settings.snapshot_interval)
+        dispatcher.resync = self.objects.resync
+        self.objects.start()
+
     def _on_event(self, spec: EventSpec, obj: dict[str, Any], data: dict[str, Any]) -> None:
         """A libvirt callback (libvirt's event-loop thread): hand it to the bus."""
         self.publish_event(spec.kind, {"object": obj, "data": data})
+        self.objects.on_event(spec.family, obj[spec.family], spec.kind)
 
     def publish_event(self, kind: str, fields: dict[str, Any]) -> None:
         name = event_name(self.settings.namespace, self.host_id, kind)
         self.bus.publish_threadsafe(name, kind, {"kind": kind, "host": self.host_id, **fields})
 
     def _hypervisor_lost(self, why: str) -> None:
-        self.publish_event("agent.hypervisor_lost", {"data": {"uri": self.settings.uri, "why": why}})
+        # the generation lost: the next agent.hypervisor_connected carries a higher one
+        self.publish_event("agent.hypervisor_lost", {"data": {
+            "uri": self.settings.uri, "why": why, "generation": self.hypervisor.generation}})
 
     def _hypervisor_opened(self, conn: Any, generation: int) -> None:
         self.events.register(conn)
         self.publish_event("agent.hypervisor_connected", {"data": {
             "uri": self.settings.uri, "generation": generation, "events": len(self.events.registered)}})
+        self.objects.request_snapshot("reconnect")
 
     def run(self) -> None:
         """Run the reactor on the calling thread until stopped."""
@@ -73,6 +90,10 @@ class Agent:
         try:
             self.bus.run()
         finally:
+            if self.stats is not None:
+                self.stats.stop()
+            self.events.deregister()
+            self.objects.close()
             self.bus.workers.close()
             self.hypervisor.close()
             log.info("agent stopped", host_id=self.host_id)

@@ -1,4 +1,4 @@
-"""Command line: ``busagent run | call | methods | schema``."""
+"""Command line: ``busagent run | call | methods | schema | watch | hosts``."""
 from __future__ import annotations
 
 import argparse
@@ -84,6 +84,77 @@ def cmd_schema(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_watch(ns: argparse.Namespace) -> int:
+    """Print every published message matching the patterns (and gap reports) as JSON lines."""
+    import queue
+    import time
+
+    from busagent.client.errors import ConnectionFailed
+    from busagent.client.subscribe import Subscription
+
+    patterns = ns.patterns or [f"{ns.namespace}.#"]
+    deadline = None if ns.seconds is None else time.monotonic() + ns.seconds
+    printed, announced = 0, False
+    with Subscription(ns.url, patterns, profile=ns.profile) as sub:
+        try:
+            while ns.count is None or printed < ns.count:
+                if not announced and sub.ready.is_set():
+                    print(f"watching {' '.join(patterns)} on {ns.url}", file=sys.stderr, flush=True)
+                    announced = True
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                try:
+                    item = sub.get(timeout=min(remaining or 1.0, 1.0) if announced else 0.05)
+                except queue.Empty:
+                    continue
+                print(json.dumps(item, separators=(",", ":")), flush=True)
+                printed += 1
+        except ConnectionFailed as exc:
+            print(json.dumps({"error": {"kind": "ConnectionFailed", "message": str(exc)}}), file=sys.stderr)
+            return 2
+        except (KeyboardInterrupt, BrokenPipeError):
+            pass
+    return 0
+
+
+def cmd_hosts(ns: argparse.Namespace) -> int:
+    """Listen to presence messages for a while; list the agents alive at the end."""
+    import queue
+    import time
+
+    from busagent.client.errors import ConnectionFailed
+    from busagent.client.subscribe import Subscription
+    from busagent.client.view import live_hosts
+
+    seen: dict[str, tuple[dict[str, Any], float]] = {}
+    deadline = time.monotonic() + ns.wait
+    with Subscription(ns.url, [f"{ns.namespace}.presence.*"], profile=ns.profile) as sub:
+        try:
+            while (remaining := deadline - time.monotonic()) > 0:
+                try:
+                    doc = sub.get(timeout=remaining)
+                except queue.Empty:
+                    break
+                if isinstance(doc.get("host"), str) and "state" in doc:
+                    seen[doc["host"]] = (doc, time.monotonic())
+        except ConnectionFailed as exc:
+            print(json.dumps({"error": {"kind": "ConnectionFailed", "message": str(exc)}}), file=sys.stderr)
+            return 2
+    hosts = live_hosts(seen)
+    if ns.json:
+        for h in hosts:
+            print(json.dumps(h, separators=(",", ":")))
+        return 0 if hosts else 1
+    if not hosts:
+        print(f"no live agent on {ns.url} within {ns.wait:g} s", file=sys.stderr)
+        return 1
+    print(f"{'HOST':24} {'STATE':6} {'AGE':>6} {'URI':28} RPC")
+    for h in hosts:
+        print(f"{h['host']:24} {h['state']:6} {h['age']:6.1f} {str(h.get('uri', '')):28} {h.get('rpc', '')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="busagent", description="libvirt on an AMQP 1.0 bus")
     sub = p.add_subparsers(dest="command", required=True)
@@ -118,6 +189,24 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="write the JSON Schemas and the AsyncAPI document")
     schema.add_argument("--dir", default="schemas")
     schema.set_defaults(func=cmd_schema)
+
+    watch = sub.add_parser("watch", help="print published messages (and gap reports) as JSON lines")
+    watch.add_argument("--url", default="amqp://127.0.0.1:5672")
+    watch.add_argument("--profile", default="direct")
+    watch.add_argument("--namespace", default="libvirt")
+    watch.add_argument("--count", type=int, help="stop after this many lines")
+    watch.add_argument("--seconds", type=float, help="stop after this many seconds")
+    watch.add_argument("patterns", nargs="*", metavar="PATTERN",
+                       help="topic patterns, * one word, # any (default: NAMESPACE.#)")
+    watch.set_defaults(func=cmd_watch)
+
+    hosts = sub.add_parser("hosts", help="list live agents from their presence messages")
+    hosts.add_argument("--url", default="amqp://127.0.0.1:5672")
+    hosts.add_argument("--profile", default="direct")
+    hosts.add_argument("--namespace", default="libvirt")
+    hosts.add_argument("--wait", type=float, default=6.0, help="seconds to listen (default 6)")
+    hosts.add_argument("--json", action="store_true", help="one JSON line per host")
+    hosts.set_defaults(func=cmd_hosts)
     return p
 
 

@@ -68,6 +68,20 @@ def _detail_enums(api: ApiDescription, family: str) -> dict[int, str]:
     return out
 
 
+_TOKEN = re.compile(r"\bvir[A-Z]\w+")
+
+
+def _field_enum(api: ApiDescription, arg: Arg) -> str | None:
+    """The enum type of a payload field, also when its description misspells the type by a
+    trailing letter (libvirt's "a value from virDomainMetadataTypea")."""
+    enum = enum_in(arg.info, api, arg.name)
+    if enum is None and arg.name != "flags" and arg.type in ("int", "unsigned int"):
+        for tok in _TOKEN.findall(arg.info or ""):
+            if tok[:-1] in api.enum_types and not tok[:-1].endswith("Flags"):
+                return tok[:-1]
+    return enum
+
+
 @lru_cache(maxsize=1)
 def load_events() -> tuple[EventSpec, ...]:
     """Every event id of libvirt-api.xml that the binding can register."""
@@ -81,7 +95,7 @@ def load_events() -> tuple[EventSpec, ...]:
             if cb is None or len(cb.args) < 3:
                 continue
             obj, payload = cb.args[1], cb.args[2:-1]
-            fields = tuple(Field(a.name, a.type, enum_in(a.info, api, a.name)) for a in payload)
+            fields = tuple(Field(a.name, a.type, _field_enum(api, a)) for a in payload)
             kind = f"{family}.{id_name[len(prefix):].lower()}"
             specs.append(EventSpec(family, id_name, value, kind, cb.name, obj, fields))
     return tuple(specs)
@@ -127,10 +141,17 @@ class EventRegistrar:
         self.api = load_api()
         self.registered: list[tuple[str, int]] = []
         self.unsupported: dict[str, str] = {}
+        self.conn: libvirt.virConnect | None = None
 
     def register(self, conn: libvirt.virConnect) -> int:
-        """Register every event id; returns how many took (the rest are in ``unsupported``)."""
-        self.registered = []
+        """Register every event id; returns how many took (the rest are in ``unsupported``).
+
+        Callbacks still registered on a previous connection are removed first: each holds a
+        reference that would keep that (dead) connection from ever being freed.
+        """
+        if self.registered and self.conn is not None and self.conn is not conn:
+            self.deregister(self.conn)
+        self.registered, self.unsupported, self.conn = [], {}, conn
         for spec in load_events():
             register = getattr(conn, FAMILIES[spec.family][2])
             try:
@@ -141,12 +162,18 @@ class EventRegistrar:
             self.registered.append((spec.family, cid))
         return len(self.registered)
 
-    def deregister(self, conn: libvirt.virConnect) -> None:
-        for family, cid in self.registered:
+    def deregister(self, conn: libvirt.virConnect | None = None) -> None:
+        """Remove the callbacks (from ``conn``, by default the connection they were registered on).
+
+        On a dead remote connection libvirt drops the callback locally, then fails to tell the
+        daemon: that error is expected and ignored.
+        """
+        conn = conn if conn is not None else self.conn
+        for family, cid in self.registered if conn is not None else ():
             try:
                 getattr(conn, FAMILIES[family][3])(cid)
-            except libvirt.libvirtError:
-                pass
+            except (libvirt.libvirtError, AttributeError, TypeError):
+                pass  # dead connection, or one already closed
         self.registered = []
 
     def _callback(self, spec: EventSpec) -> Callable[..., None]:

@@ -4,6 +4,7 @@ Runs on a worker thread; knows nothing of proton endpoints.
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import threading
 import time
@@ -37,6 +38,19 @@ class RpcStats:
     calls: collections.Counter = field(default_factory=collections.Counter)
     rejected: collections.Counter = field(default_factory=collections.Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # request latency histogram: method -> [count per bucket of latency_buckets..., count above, sum of seconds]
+    latency: dict = field(default_factory=dict)
+    latency_buckets: tuple = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+    def observe(self, method: str, outcome: str, seconds: float) -> None:
+        if outcome in ("unknown_method", "bad_request"):
+            method = "(unknown)"  # a name the client made up: not a label of its own
+        with self.lock:
+            h = self.latency.get(method)
+            if h is None:
+                h = self.latency[method] = [0] * (len(self.latency_buckets) + 1) + [0.0]
+            h[bisect.bisect_left(self.latency_buckets, seconds)] += 1
+            h[-1] += seconds
 
     def count(self, method: str, outcome: str) -> None:
         with self.lock:
@@ -75,6 +89,7 @@ class RpcService:
             body, outcome = reply_body(error=Internal(f"{type(exc).__name__}: {exc}")), "internal"
         seconds = time.perf_counter() - start
         self.stats.count(method, outcome)
+        self.stats.observe(method, outcome, seconds)
         log.info("request", method=method, correlation_id=str(req.correlation_id), outcome=outcome,
                  ms=round(seconds * 1000, 3), reply=req.reply_to is not None)
         return Outcome(body, method, outcome, seconds)

@@ -22,11 +22,14 @@ class RunningAgent:
     the reactor runs.
     """
 
-    def __init__(self, settings: Settings | None = None, attach_timeout: float = 20.0) -> None:
+    def __init__(self, settings: Settings | None = None, attach_timeout: float = 20.0,
+                 with_stats: bool = True) -> None:
         settings = settings or Settings()
         if settings.mode == "direct":
             settings = replace(settings, listen="127.0.0.1:0")
-        self.agent = Agent(settings.validate())
+        if settings.metrics_listen == Settings.metrics_listen:  # never the real port in tests
+            settings = replace(settings, metrics_listen="127.0.0.1:0")
+        self.agent = Agent(settings.validate(), with_stats=with_stats)
         self.agent.start_services()
         self.attach_timeout = attach_timeout
         self.thread = threading.Thread(target=self.agent.run, name="agent-reactor", daemon=True)

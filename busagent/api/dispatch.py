@@ -23,6 +23,8 @@ def _json_path(exc: fastjsonschema.JsonSchemaValueException) -> str:
 class Dispatcher:
     """Runs method calls against one libvirt connection (thread-safe)."""
 
+    resync: Callable[[], dict[str, Any]] | None = None  # busagentResync; the agent sets it (busagent.objects)
+
     def __init__(self, get_conn: Callable[[], libvirt.virConnect], table: MethodTable | None = None) -> None:
         self.table = table or load_table()
         self._get_conn = get_conn
@@ -36,6 +38,10 @@ class Dispatcher:
                              "access": m.access} for m in self.table.exposed}
         if name == "busagentPing":
             return {"pong": True}
+        if name == "busagentResync":  # {"host", "position": {"epoch", "seq", "kind_seq"}, "objects"}
+            if self.resync is None:
+                raise NotSupported("busagentResync is not served: this agent publishes no objects")
+            return self.resync()
         raise UnknownMethod(f"unknown method {name!r}")
 
     def method(self, name: str) -> Method:

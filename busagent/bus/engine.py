@@ -273,13 +273,15 @@ class Engine:
             log.exception("reactor callback failed")
 
     def _drain_wake(self) -> None:
-        with self._wake_lock:
-            self._wake_pending = False
+        # Empty the pipe first, then clear the flag: a byte written after the flag was
+        # cleared must stay in the pipe, or later wake-ups would be skipped for good.
         try:
             while os.read(self._wake_r, 4096):
                 pass
         except BlockingIOError:
             pass
+        with self._wake_lock:
+            self._wake_pending = False
 
     def _read(self, link: Link) -> None:
         t = link.transport

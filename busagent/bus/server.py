@@ -31,6 +31,7 @@ log = structlog.get_logger("busagent.bus")
 ANONYMOUS_RELAY = symbol("ANONYMOUS-RELAY")
 MAX_REPLY_SENDERS = 1024
 MAX_QUEUED_PER_SUBSCRIBER = 10_000
+BATCH = 8  # at most this many requests per worker hand-off (only when more are waiting than workers)
 UNINIT, ACTIVE, CLOSED = Endpoint.LOCAL_UNINIT, Endpoint.LOCAL_ACTIVE, Endpoint.LOCAL_CLOSED
 R_ACTIVE, R_CLOSED = Endpoint.REMOTE_ACTIVE, Endpoint.REMOTE_CLOSED
 
@@ -77,6 +78,7 @@ class AgentBus(Application):
         self.stamper = Stamper()
         self.published = collections.Counter()
         self._tags = itertools.count()
+        self._batch: list[Job] = []
         self._dynamic: dict[str, PnLink] = {}  # direct mode: reply address -> sender link
         self._subscriptions: list[tuple[Any, PnLink]] = []  # direct mode: (pattern regex, sender)
         self._senders: OrderedDict[str, PnLink] = OrderedDict()  # broker mode: per-address cache
@@ -162,6 +164,8 @@ class AgentBus(Application):
         for rcv in _each(conn.link_head, ACTIVE | R_ACTIVE) if link.app.get("has_receivers") else ():
             if rcv.is_receiver:
                 self._receive(rcv)
+        if self._batch:
+            self._submit_batch()
         for lnk in _each(conn.link_head, ACTIVE | R_CLOSED):
             self._forget(lnk)
             lnk.close()
@@ -291,7 +295,14 @@ class AgentBus(Application):
             dlv.update(Delivery.REJECTED)
             dlv.settle()
             return
-        self.workers.submit(self._handle, Job(dlv, request))
+        self._batch.append(Job(dlv, request))
+
+    def _submit_batch(self) -> None:
+        """Hand what one read brought to the workers, a few requests per hand-off."""
+        jobs, self._batch = self._batch, []
+        per = max(1, min(BATCH, -(-len(jobs) // self.settings.workers)))
+        for i in range(0, len(jobs), per):
+            self.workers.submit_many(self._handle, jobs[i:i + per])
 
     def _handle(self, job: Job) -> Outcome:
         return self.service.handle(job.request)  # on a worker thread: never touches job.delivery

@@ -15,6 +15,17 @@ from typing import Any
 _STOP = object()
 
 
+def _many(*_: Any) -> None:
+    """Marker: the item is (fn, [items]) to run one after another."""
+
+
+def _call(fn: Callable[[Any], Any], item: Any) -> Any:
+    try:
+        return fn(item)
+    except BaseException as exc:  # the reactor decides what an unexpected failure means
+        return exc
+
+
 class ReactorWorkers:
     """Run ``fn(item)`` on threads; ``on_results([(item, result), ...])`` runs on the reactor."""
 
@@ -36,17 +47,23 @@ class ReactorWorkers:
         self.in_flight += 1
         self._queue.put((fn, item))
 
+    def submit_many(self, fn: Callable[[Any], Any], items: list[Any]) -> None:
+        """Queue ``fn(item)`` for each item, run in order by one worker (reactor thread)."""
+        self.in_flight += len(items)
+        self._queue.put((_many, (fn, items)) if len(items) > 1 else (fn, items[0]))
+
     def _loop(self) -> None:
         while True:
             work = self._queue.get()
             if work is _STOP:
                 return
             fn, item = work
-            try:
-                out = fn(item)
-            except BaseException as exc:  # the reactor decides what an unexpected failure means
-                out = exc
-            self._done.append((item, out))
+            if fn is _many:
+                inner, items = item
+                for one in items:
+                    self._done.append((one, _call(inner, one)))
+            else:
+                self._done.append((item, _call(fn, item)))
             with self._lock:
                 if self._pending_wakeup:
                     continue

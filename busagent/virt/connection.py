@@ -35,7 +35,8 @@ class HypervisorConnection:
         self.readonly = readonly
         self.keepalive = keepalive
         self._conn: libvirt.virConnect | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held while opening
+        self._state_lock = threading.Lock()  # guards the switch between connections (never held for I/O)
         self._alive = False
         self._lost = threading.Event()
         self._stopping = False
@@ -49,45 +50,50 @@ class HypervisorConnection:
         return self._alive
 
     def open(self) -> libvirt.virConnect:
-        """Open (or reopen) the connection; raises libvirtError when the hypervisor is unreachable."""
+        """Open (or reopen) the connection; raises libvirtError when the hypervisor is unreachable.
+
+        ``on_open`` listeners run with the new connection before the previous one is closed, so
+        they can still release what they registered on it.
+        """
         with self._lock:
             if self._conn is not None and self._alive:
                 return self._conn
             opener = libvirt.openReadOnly if self.readonly else libvirt.open
             conn = opener(self.uri)
+            generation = self.generation + 1
             try:
                 conn.setKeepAlive(*self.keepalive)
             except libvirt.libvirtError:
                 pass  # only remote connections have keepalive
             try:
-                conn.registerCloseCallback(self._closed, None)
+                # the generation tells a late close callback of a replaced connection from a current one
+                conn.registerCloseCallback(self._closed, generation)
             except libvirt.libvirtError:
                 pass  # drivers without a remote transport have no close callback
-            old, self._conn, self._alive = self._conn, conn, True
-            self._lost.clear()
-            self.generation += 1
-            generation = self.generation
-        if old is not None:
-            try:
-                old.close()
-            except libvirt.libvirtError:
-                pass
+            with self._state_lock:
+                old, self._conn, self._alive = self._conn, conn, True
+                self.generation = generation
+                self._lost.clear()
         log.info("hypervisor connected", uri=self.uri, generation=generation)
         for listener in list(self.on_open):
             try:
                 listener(conn, generation)
             except Exception:
                 log.exception("on_open listener failed")
+        if old is not None:
+            _release(old)
         return conn
 
-    def _closed(self, _conn: libvirt.virConnect, reason: int, _opaque: object) -> None:
-        self._mark_lost(f"close callback, reason {reason}")
+    def _closed(self, _conn: libvirt.virConnect, reason: int, generation: int) -> None:
+        self._mark_lost(f"close callback, reason {reason}", generation)
 
-    def _mark_lost(self, why: str) -> None:
-        if not self._alive:
-            return
-        self._alive = False
-        self.losses += 1
+    def _mark_lost(self, why: str, generation: int | None = None) -> None:
+        """The connection (of ``generation``, default the current one) is gone: tell the listeners once."""
+        with self._state_lock:
+            if not self._alive or (generation is not None and generation != self.generation):
+                return
+            self._alive = False
+            self.losses += 1
         log.warning("hypervisor connection lost", uri=self.uri, why=why)
         for listener in list(self.on_lost):
             try:
@@ -115,13 +121,13 @@ class HypervisorConnection:
         while not self._stopping:
             self._lost.wait(1.0)
             if self._stopping or not self._lost.is_set():
-                conn = self._conn
+                conn, generation = self._conn, self.generation
                 if conn is not None and self._alive:  # keepalive failure without a close callback
                     try:
                         if not conn.isAlive():
-                            self._mark_lost("isAlive() is false")
+                            self._mark_lost("isAlive() is false", generation)
                     except libvirt.libvirtError as exc:
-                        self._mark_lost(str(exc))
+                        self._mark_lost(str(exc), generation)
                 continue
             delay = initial
             while not self._stopping and not self._alive:
@@ -136,12 +142,23 @@ class HypervisorConnection:
         self._stopping = True
         self._lost.set()
         with self._lock:
-            if self._conn is not None:
-                try:
-                    self._conn.close()
-                except libvirt.libvirtError:
-                    pass
-                self._conn, self._alive = None, False
+            with self._state_lock:
+                conn, self._conn, self._alive = self._conn, None, False
+            if conn is not None:
+                _release(conn)
+
+
+def _release(conn: libvirt.virConnect) -> None:
+    """Close a connection we are done with, dropping our close callback first (it holds a reference
+    on the connection, so closing alone would never free it)."""
+    try:
+        conn.unregisterCloseCallback()
+    except libvirt.libvirtError:
+        pass  # none registered (local driver), or the connection is already dead
+    try:
+        conn.close()
+    except libvirt.libvirtError:
+        pass
 
 
 def open_with_retry(hc: HypervisorConnection, attempts: int = 30, delay: float = 1.0) -> libvirt.virConnect:
