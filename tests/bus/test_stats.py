@@ -173,7 +173,8 @@ def test_metrics_disabled_and_stop():
 # -- 200 domains: one bulk call ---------------------------------------------------------------
 def test_200_domains_sampled_in_one_bulk_call(tmp_path, monkeypatch):
     uri = host_file(tmp_path / "host200.xml", 200)
-    with RunningAgent(Settings(uri=uri, metrics_listen="127.0.0.1:0", sample_interval=LONG), with_stats=False) as running:
+    settings = Settings(uri=uri, metrics_listen="127.0.0.1:0", sample_interval=LONG)
+    with RunningAgent(settings, with_stats=False) as running:
         handle = attach_stats(running.agent, start=False)
         try:
             calls = LibvirtCalls(monkeypatch)
