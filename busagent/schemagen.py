@@ -7,6 +7,7 @@ from typing import Any
 
 from busagent.api.schema import BASE_ID, SCHEMA_VERSION, all_schemas
 from busagent.api.table import MethodTable, load_table
+from busagent.events import load_events
 
 
 def asyncapi(table: MethodTable) -> dict[str, Any]:
@@ -31,6 +32,48 @@ def asyncapi(table: MethodTable) -> dict[str, Any]:
         "required": ["correlation-id", "content-type"],
         "properties": {"correlation-id": {}, "content-type": {"const": "application/json"}},
     }
+    stamp = {
+        "topic": {"type": "string", "description": "the logical name it was published on"},
+        "epoch": {"type": "string", "description": "new at every agent start"},
+        "seq": {"type": "integer", "description": "strictly increasing across all of the agent's names"},
+        "kind_seq": {"type": "integer", "description": "strictly increasing per topic: a skip is a gap"},
+        "timestamp": {"type": "number", "description": "seconds since the epoch"},
+        "host": {"type": "string"}, "kind": {"type": "string"},
+    }
+    published = {
+        "event": ("{namespace}.event.{host}.{kind}",
+                  "one libvirt event callback: kind e.g. domain.lifecycle; `object` is the reference, `data` "
+                  "the callback's payload by name with constant names beside enum numbers; agent.hypervisor_lost"
+                  " / agent.hypervisor_connected mark hypervisor loss and return",
+                  {"object": {"type": "object"}, "data": {"type": "object"}},
+                  sorted(e.kind for e in load_events())),
+        "object": ("{namespace}.object.{host}.{kind}",
+                   "property snapshot of one object on change (`object` or `removed`+`ref`), or of every object "
+                   "of a kind (`snapshot`: true, `objects`), periodically and after a reconnect",
+                   {"object": {"type": "object"}, "objects": {"type": "array"}, "removed": {"type": "boolean"},
+                    "ref": {"type": "object"}, "snapshot": {"type": "boolean"}, "reason": {"type": "string"}},
+                   ["node", "domain", "storage_pool", "network", "interface", "node_device", "secret"]),
+        "stats": ("{namespace}.stats.{host}.{kind}",
+                  "one sample of statistics for every object of a kind (batched, not one message per domain)",
+                  {}, ["domain", "node", "storage_pool", "network"]),
+        "presence": ("{namespace}.presence.{host}",
+                     "birth at start, a heartbeat every interval (AMQP ttl = 3 intervals), death at clean stop",
+                     {"state": {"enum": ["birth", "alive", "death"]}, "ttl": {"type": "number"}}, None),
+    }
+    channels: dict[str, Any] = {}
+    messages: dict[str, Any] = {}
+    operations: dict[str, Any] = {}
+    for name, (address, text, props, kinds) in published.items():
+        params: dict[str, Any] = {"namespace": {"default": "libvirt"}, "host": {"description": "host id"}}
+        if kinds:
+            params["kind"] = {"enum": kinds}
+        channels[name] = {"address": address, "description": text, "parameters": params,
+                          "messages": {name: {"$ref": f"#/components/messages/{name}"}}}
+        messages[name] = {"name": name, "contentType": "application/json",
+                          "payload": {"type": "object", "required": ["topic", "epoch", "seq", "kind_seq", "host"],
+                                      "properties": {**stamp, **props}}}
+        operations[f"publish_{name}"] = {"action": "send", "channel": {"$ref": f"#/channels/{name}"},
+                                         "messages": [{"$ref": f"#/channels/{name}/messages/{name}"}]}
     return {
         "asyncapi": "3.0.0",
         "info": {
@@ -61,6 +104,7 @@ def asyncapi(table: MethodTable) -> dict[str, Any]:
                 "description": "the caller's reply address, from the request's reply-to",
                 "messages": {"reply": {"$ref": "#/components/messages/reply"}},
             },
+            **channels,
         },
         "operations": {
             "call": {
@@ -72,6 +116,7 @@ def asyncapi(table: MethodTable) -> dict[str, Any]:
                           "address": {"location": "$message.header#/reply-to"},
                           "messages": [{"$ref": "#/channels/reply/messages/reply"}]},
             },
+            **operations,
         },
         "components": {
             "messages": {
@@ -81,6 +126,7 @@ def asyncapi(table: MethodTable) -> dict[str, Any]:
                 "reply": {"name": "reply", "contentType": "application/json", "headers": reply_headers,
                           "payload": {"$ref": f"{BASE_ID}/{SCHEMA_VERSION}/reply.json"},
                           "correlationId": {"location": "$message.header#/correlation-id"}},
+                **messages,
             },
         },
     }
