@@ -13,6 +13,7 @@ from busagent.api.errors import InvalidArguments, NotSupported, UnknownMethod
 from busagent.api.marshal import shape_result, to_python
 from busagent.api.schema import validator_schema
 from busagent.api.table import Method, MethodTable, load_table
+from busagent.xmlsafe import UnsafeXML, check_xml
 
 
 def _json_path(exc: fastjsonschema.JsonSchemaValueException) -> str:
@@ -71,6 +72,16 @@ class Dispatcher:
             self.validator(m)(args)
         except fastjsonschema.JsonSchemaValueException as exc:
             raise InvalidArguments(exc.message.replace("data", "$", 1), _json_path(exc)) from None
+        for p in m.params:
+            if "xml" in p.name.lower() and args.get(p.name) is not None:
+                values = args[p.name] if p.kind == "strings" else [args[p.name]]
+                for i, text in enumerate(values):
+                    if isinstance(text, str):
+                        try:
+                            check_xml(text)
+                        except UnsafeXML as exc:
+                            where = f"$.{p.name}" + (f"[{i}]" if p.kind == "strings" else "")
+                            raise InvalidArguments(str(exc), where) from None
 
     def call(self, name: str, args: Any) -> tuple[Any, str | None]:
         """Run one call; returns (result, result_name). Raises AgentError or libvirtError."""
