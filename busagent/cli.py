@@ -1,10 +1,12 @@
-"""Command line: ``busagent run | call | methods | schema | watch | hosts``."""
+"""Command line: ``busagent run | call | methods | schema | watch | hosts | monitor``."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 from typing import Any
+
+from busagent.config import PROFILES
 
 
 def parse_assignments(items: list[str]) -> dict[str, Any]:
@@ -155,6 +157,23 @@ def cmd_hosts(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(ns: argparse.Namespace) -> int:
+    """Follow every host on the bus; serve one Prometheus endpoint for the whole fleet."""
+    from busagent import logconfig
+    from busagent.config import ConfigError
+    from busagent.monitor import Monitor, load_settings
+
+    try:
+        settings = load_settings(ns.config, url=ns.url, profile=ns.profile, namespace=ns.namespace,
+                                 metrics_listen=ns.metrics_listen, log_level=ns.log_level)
+    except (ConfigError, OSError, ValueError) as exc:
+        print(json.dumps({"error": {"kind": type(exc).__name__, "message": str(exc)}}), file=sys.stderr)
+        return 2
+    logconfig.configure(settings.log_level)
+    Monitor(settings).run_forever()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="busagent", description="libvirt on an AMQP 1.0 bus")
     sub = p.add_subparsers(dest="command", required=True)
@@ -207,6 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.add_argument("--wait", type=float, default=6.0, help="seconds to listen (default 6)")
     hosts.add_argument("--json", action="store_true", help="one JSON line per host")
     hosts.set_defaults(func=cmd_hosts)
+
+    monitor = sub.add_parser("monitor", help="follow every host on the bus; one Prometheus endpoint for the fleet")
+    monitor.add_argument("--config", help="TOML file ([bus] url/profile/namespace, [monitor] metrics_listen, ...)")
+    monitor.add_argument("--url", help="broker (or agent) URL (default amqp://127.0.0.1:5672)")
+    monitor.add_argument("--profile", choices=list(PROFILES), help="broker address profile (default direct)")
+    monitor.add_argument("--namespace", help="logical name prefix (default libvirt)")
+    monitor.add_argument("--metrics-listen", metavar="HOST:PORT",
+                         help="Prometheus endpoint (default 127.0.0.1:9178; '' turns it off)")
+    monitor.add_argument("--log-level")
+    monitor.set_defaults(func=cmd_monitor)
     return p
 
 

@@ -200,13 +200,24 @@ _GROUPS: dict[str, tuple[Group, dict[str, Stat]]] = {g.prefix: (g, {s.key: s for
 
 
 class _Families:
-    """Metric families by name, created on first use; repeated label sets keep their first value."""
+    """Metric families by name, created on first use; repeated label sets keep their first value.
+
+    ``scope`` labels (the monitor's ``host``) go first on every series added while they are set.
+    """
 
     def __init__(self) -> None:
         self.by_name: dict[str, tuple[Metric, set[tuple[str, ...]]]] = {}
+        self.scope_labels: tuple[str, ...] = ()
+        self.scope_values: tuple[str, ...] = ()
+
+    def scope(self, labels: tuple[str, ...] = (), values: tuple[str, ...] = ()) -> None:
+        """Prefix every series added from now on with these labels (``scope(("host",), ("node1",))``)."""
+        self.scope_labels, self.scope_values = tuple(labels), tuple(values)
 
     def add(self, name: str, help_text: str, labels: Iterable[str], values: tuple[str, ...], value: float,
             counter: bool | None = None) -> None:
+        if self.scope_labels:
+            labels, values = (*self.scope_labels, *labels), (*self.scope_values, *values)
         entry = self.by_name.get(name)
         if entry is None:
             is_counter = name.endswith("_total") if counter is None else counter
@@ -225,6 +236,9 @@ class _Families:
 
     def families(self) -> list[Metric]:
         return [family for family, _ in self.by_name.values()]
+
+
+Families = _Families  # public name for other exporters built on the same table (busagent.monitor)
 
 
 def _number(raw: Any) -> float | None:
@@ -269,13 +283,17 @@ def up_family(sample: Any, up: bool = True) -> Metric:
     return fam
 
 
-def sample_families(sample: Any) -> list[Metric]:
-    """The ``libvirt_*`` families one Sample maps to (all but ``libvirt_up``)."""
-    out = _Families()
-    out.add("libvirt_domains", "Number of domains.", (), (), float(len(sample.domains)))
-    for dom in sample.domains:
-        add_domain(out, dom.name, dom.uuid, dom.stats)
-    node = sample.node
+def add_stats(out: _Families, domains: Iterable[tuple[str, str, Mapping[str, Any]]] | None,
+              node: Mapping[str, Any], pools: Iterable[Mapping[str, Any]],
+              networks: Iterable[Mapping[str, Any]]) -> None:
+    """The ``libvirt_*`` series (all but ``libvirt_up``) of one host's statistics, in any shape:
+    ``domains`` as (name, uuid, getAllDomainStats dict) or None (not known: no ``libvirt_domains``),
+    ``node``/``pools``/``networks`` as in a Sample."""
+    if domains is not None:
+        domains = list(domains)
+        out.add("libvirt_domains", "Number of domains.", (), (), float(len(domains)))
+        for name, uuid, stats in domains:
+            add_domain(out, name, uuid, stats)
     for stat in NODE_INFO:
         if stat.key in node:
             out.stat(stat, (), (), node[stat.key])
@@ -283,13 +301,30 @@ def sample_families(sample: Any) -> list[Metric]:
         out.stat(NODE_CPU, ("mode",), (str(mode),), raw)
     for kind, raw in (node.get("memory") or {}).items():
         out.stat(NODE_MEMORY, ("kind",), (str(kind),), raw)
-    for pool in sample.pools:
+    for pool in pools:
         for stat in POOL_STATS:
             out.stat(stat, ("storage_pool", "uuid"), (pool["name"], pool["uuid"]), pool.get(stat.key))
-    for net in sample.networks:
+    for net in networks:
         out.add("libvirt_network_active", "Whether the virtual network is active (1) or not (0).", ("network", "uuid"),
                 (net["name"], net["uuid"]), 1.0 if net.get("active") else 0.0)
+
+
+def sample_families(sample: Any) -> list[Metric]:
+    """The ``libvirt_*`` families one Sample maps to (all but ``libvirt_up``)."""
+    out = _Families()
+    add_stats(out, ((d.name, d.uuid, d.stats) for d in sample.domains), sample.node, sample.pools, sample.networks)
     return out.families()
+
+
+def add_stats_messages(out: _Families, messages: Mapping[str, Mapping[str, Any]]) -> None:
+    """The same series from one host's statistics messages (``busagent.sampler.batches``), by kind:
+    ``{"domain": {..., "domains": [every chunk's]}, "node": {...}, "storage_pool": {...}, "network": {...}}``.
+    A kind without a message yet adds nothing of its own."""
+    domain = messages.get("domain")
+    add_stats(out, None if domain is None else
+              ((d["name"], d["uuid"], d.get("stats") or {}) for d in domain.get("domains", ())),
+              (messages.get("node") or {}).get("node") or {}, (messages.get("storage_pool") or {}).get("pools") or (),
+              (messages.get("network") or {}).get("networks") or ())
 
 
 def libvirt_families(sample: Any, up: bool = True) -> list[Metric]:
