@@ -410,7 +410,8 @@ class Sampler:
 # -- what goes on the bus ------------------------------------------------------------------
 def batches(sample: Sample, host: str, max_domains: int = MAX_DOMAINS_PER_MESSAGE) -> Iterable[tuple[str, dict]]:
     """(kind, document) messages for one sample: one per kind, domains chunked by ``max_domains``."""
-    head = {"host": host, "timestamp": sample.timestamp, "duration": sample.duration}
+    # "timestamp" is the publish stamp (added by the bus); "sampled_at" is when this sample was taken
+    head = {"host": host, "sampled_at": sample.timestamp, "duration": sample.duration}
     domains = [{"name": d.name, "uuid": d.uuid, "stale": d.uuid in sample.stale, "age": sample.age_of(d),
                 "stats": dict(d.stats)} for d in sample.domains]
     chunks = [domains[i:i + max_domains] for i in range(0, len(domains), max_domains)] or [[]]
