@@ -47,20 +47,21 @@ def attach_stats(agent: Any, start: bool = True, **sampler_options: Any) -> Stat
         return hypervisor.get()
 
     def publish(sample: Sample) -> None:
-        if bus is None:
-            return
-        for kind, doc in batches(sample, host):
-            bus.publish_threadsafe(stats_name(namespace, host, kind), f"stats.{kind}", doc)
+        if bus is not None:
+            for kind, doc in batches(sample, host):
+                bus.publish_threadsafe(stats_name(namespace, host, kind), f"stats.{kind}", doc)
+        if server is not None:  # render /metrics now, on the sampler's thread: scrapes only copy bytes
+            collector.sample_text()
 
+    server = None
     sampler = Sampler(connection, settings.sample_interval, on_sample=publish, **sampler_options)
     collector = StatsCollector(
         sampler=sampler, rpc_stats=bus.service.stats if bus is not None else None,
         published=bus.published if bus is not None else None,
         bus_connected=(lambda: _bus_connected(bus)) if bus is not None else None,
         hypervisor_connected=lambda: hypervisor.alive)
-    server = None
     if settings.metrics_listen:
-        server = MetricsServer(settings.metrics_listen, make_registry(collector))
+        server = MetricsServer(settings.metrics_listen, make_registry(collector), extra=collector.sample_text)
         log.info("metrics endpoint", address=f"http://{server.host}:{server.port}/metrics")
     if start:
         sampler.start()

@@ -319,3 +319,18 @@ def test_batches_chunk_large_hosts():
     assert [len(c["domains"]) for c in chunks] == [500, 500, 201]
     assert {c["chunks"] for c in chunks} == {3} and [c["chunk"] for c in chunks] == [0, 1, 2]
     assert sum(d["stale"] for c in chunks for d in c["domains"]) == 1
+
+
+def test_fast_renderer_writes_what_prometheus_client_writes():
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from busagent.metrics import _OneShot, render_families, sample_families
+
+    families = sample_families(load_sample())
+    families.append(GaugeMetricFamily("x_odd", 'a "quoted"\\ help\nline', labels=["l"]))
+    families[-1].add_metric(['va"l\\ue\n'], float("inf"))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_OneShot(families))
+    assert render_families(families) == generate_latest(registry)
