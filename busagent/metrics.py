@@ -252,10 +252,18 @@ def _number(raw: Any) -> float | None:
     return None  # names, paths: labels, not values
 
 
+_SHUTOFF = 5  # VIR_DOMAIN_SHUTOFF
+
+
 def add_domain(out: _Families, name: str, uuid: str, stats: Mapping[str, Any]) -> None:
     """Every metric one domain's ``getAllDomainStats`` dictionary maps to."""
     base = (name, uuid)
+    # libvirt 9.0's QEMU driver reports a shut-off domain's cpu.* from libvirtd's own process
+    # (recorded in tests/fixtures/real-domstats-qemu.json): a stopped domain uses no CPU.
+    shut_off = stats.get("state.state") == _SHUTOFF
     for key, raw in stats.items():
+        if shut_off and key.startswith("cpu."):
+            continue
         whole = _WHOLE.get(key)
         if whole is not None:
             for stat in whole:
