@@ -76,6 +76,15 @@ def to_json(value: Any) -> Any:
     return str(value)
 
 
+def domain_reason_enum(api: ApiDescription, state: Any) -> str | None:
+    """The enum of a domain state's reason: VIR_DOMAIN_PAUSED -> virDomainPausedReason."""
+    name = api.enum_name("virDomainState", state) if isinstance(state, int) else None
+    if name is None:
+        return None
+    wanted = "virdomain" + name[len("VIR_DOMAIN_"):].replace("_", "").lower() + "reason"
+    return next((t for t in api.enum_types if t.lower() == wanted), None)
+
+
 def shape_result(api: ApiDescription, r: Result, value: Any) -> tuple[Any, str | None]:
     """Shape the binding's return value as the table says; returns (result, result_name)."""
     if r.shape in ("struct", "outargs"):
@@ -87,6 +96,9 @@ def shape_result(api: ApiDescription, r: Result, value: Any) -> tuple[Any, str |
                 out[name] = int(v) if kind == "integer" and isinstance(v, bool) else to_json(v)
                 if enum:
                     out[f"{name}_name"] = api.enum_name(enum, v) if isinstance(v, int) else None
+            if "reason" in out and out.get("state_name", "").startswith("VIR_DOMAIN_"):
+                reason_type = domain_reason_enum(api, out["state"])  # the reason's enum depends on the state
+                out["reason_name"] = api.enum_name(reason_type, out["reason"]) if reason_type else None
             return out, None
         if r.shape == "outargs" and not isinstance(value, (list, tuple)):
             return {r.names[0]: to_json(value)}, None

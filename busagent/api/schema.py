@@ -106,6 +106,9 @@ def result_schema(r: Result) -> dict[str, Any]:
         props[name] = value_schema(kind, enum, for_result=True) if kind != "any" else {}
         if enum:
             props[f"{name}_name"] = {"type": ["string", "null"]}
+    if "reason" in r.names and "state" in r.names and r.enums[r.names.index("state")] == "virDomainState":
+        props["reason_name"] = {"type": ["string", "null"], "description": "the reason's constant name; its "
+                                "enum depends on the state (virDomainRunningReason, virDomainPausedReason, ...)"}
     return {"type": "object", "properties": props, "required": list(r.names)}
 
 
