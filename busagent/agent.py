@@ -1,6 +1,7 @@
 """Composition root: hypervisor connection, method table, RPC service, bus."""
 from __future__ import annotations
 
+import gc
 import signal
 import threading
 from typing import Any
@@ -52,7 +53,11 @@ class Agent:
         self.hypervisor.on_lost.append(self._hypervisor_lost)
         self.hypervisor.start_supervisor()
         self.bus.start_presence(self.settings.presence_interval, {
-            "uri": self.settings.uri, "rpc": self.bus.rpc_address, "started": self.bus.stamper.started})
+            "uri": self.settings.uri, "rpc": self.bus.rpc_target, "started": self.bus.stamper.started})
+        # Start-up objects (the method table, schemas, libvirt-python's module) live as long as the
+        # process: keep them out of the cyclic collector's full passes, which otherwise add
+        # 20-30 ms to sampler ticks at 5,000 domains.
+        gc.freeze()
         log.info("agent starting", host_id=self.host_id, uri=self.settings.uri, mode=self.settings.mode,
                  methods=dispatcher.table.coverage_line())
 

@@ -32,6 +32,10 @@ class Settings:
     snapshot_interval: float = 60.0  # periodic full object snapshot
     sample_interval: float = 10.0  # statistics sampler period
     metrics_listen: str = "127.0.0.1:9177"  # Prometheus endpoint ('' turns it off)
+    dedup_ids: int = 10_000  # write requests remembered by message id (a redelivery gets the first reply)
+    dedup_seconds: float = 600.0  # ... for at most this long
+    publish_buffer: int = 10_000  # broker mode: published messages kept for resending across a reconnection
+    reconnect_max_delay: float = 10.0  # broker mode: cap of the delay between reconnection attempts
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> Settings:
@@ -45,6 +49,10 @@ class Settings:
             raise ConfigError("direct mode uses the 'direct' profile")
         if self.presence_interval <= 0 or self.snapshot_interval <= 0 or self.sample_interval <= 0:
             raise ConfigError("intervals must be positive")
+        if self.dedup_ids < 0 or self.dedup_seconds < 0 or self.publish_buffer < 0:
+            raise ConfigError("dedup_ids, dedup_seconds and publish_buffer must not be negative")
+        if self.reconnect_max_delay <= 0:
+            raise ConfigError("reconnect_max_delay must be positive")
         if not 1 <= self.workers <= 256:
             raise ConfigError("workers must be between 1 and 256")
         if not self.namespace or any(c in self.namespace for c in "/ #*"):
@@ -58,7 +66,8 @@ _FILE_KEYS = {  # TOML section.key -> Settings field
     "agent.workers": "workers", "bus.credit": "credit", "limits.max_message_bytes": "max_message_bytes",
     "log.level": "log_level", "agent.presence_interval": "presence_interval",
     "agent.snapshot_interval": "snapshot_interval", "stats.interval": "sample_interval",
-    "metrics.listen": "metrics_listen",
+    "metrics.listen": "metrics_listen", "agent.dedup_ids": "dedup_ids", "agent.dedup_seconds": "dedup_seconds",
+    "bus.publish_buffer": "publish_buffer", "bus.reconnect_max_delay": "reconnect_max_delay",
 }
 
 

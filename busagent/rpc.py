@@ -8,7 +8,10 @@ import bisect
 import collections
 import threading
 import time
+from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import libvirt
 import structlog
@@ -93,3 +96,60 @@ class RpcService:
         log.info("request", method=method, correlation_id=str(req.correlation_id), outcome=outcome,
                  ms=round(seconds * 1000, 3), reply=req.reply_to is not None)
         return Outcome(body, method, outcome, seconds)
+
+
+class Deduplicator:
+    """Write requests by message id, within a window of ``max_ids`` ids and ``seconds``.
+
+    ``begin(key, job)`` says what to do with a request: ``RUN`` it (first seen), ``WAIT`` for
+    the first one still running (the job is kept and handed back by ``finish``), or answer it
+    with the first reply (``DONE``, with that reply's body). ``finish(key, body)`` records the
+    first reply and returns the jobs that waited for it. Used on one thread (the reactor).
+    Entries leave the window oldest first, by count or age; a request still running never
+    does (there are at most as many as the agent takes in at once).
+    """
+
+    RUN, WAIT, DONE = "run", "wait", "done"
+
+    def __init__(self, max_ids: int = 10_000, seconds: float = 600.0,
+                 clock: Any = time.monotonic) -> None:
+        self.max_ids, self.seconds, self.clock = max_ids, seconds, clock
+        # key -> [first seen (clock), reply body or None while running, waiting jobs or None]
+        self._entries: OrderedDict[Hashable, list[Any]] = OrderedDict()
+        self.duplicates = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def begin(self, key: Hashable, job: Any) -> tuple[str, bytes | None]:
+        now = self.clock()
+        self._expire(now)
+        entry = self._entries.get(key)
+        if entry is None:
+            self._entries[key] = [now, None, None]
+            self._expire(now)
+            return self.RUN, None
+        self.duplicates += 1
+        if entry[1] is not None:
+            return self.DONE, entry[1]
+        if entry[2] is None:
+            entry[2] = [job]
+        else:
+            entry[2].append(job)
+        return self.WAIT, None
+
+    def finish(self, key: Hashable, body: bytes) -> list[Any]:
+        entry = self._entries.get(key)
+        if entry is None:  # cannot happen while running (never evicted); be safe
+            return []
+        entry[1] = body
+        waiting, entry[2] = entry[2] or [], None
+        return waiting
+
+    def _expire(self, now: float) -> None:
+        entries, horizon = self._entries, now - self.seconds
+        while entries:
+            key, entry = next(iter(entries.items()))
+            if entry[1] is None or (len(entries) <= self.max_ids and entry[0] >= horizon):
+                return
+            del entries[key]

@@ -89,8 +89,10 @@ def asyncapi(table: MethodTable) -> dict[str, Any]:
             "direct": {"host": "127.0.0.1:5672", "protocol": "amqp1",
                        "description": "an agent listening itself (replies to a dynamic receiver)"},
             "rabbitmq3": {"host": "broker:5672", "protocol": "amqp1",
-                          "description": "RabbitMQ 3.x AMQP 1.0 plugin: requests on /queue/<ns>.rpc.<host>, "
-                                         "replies to the caller's /exchange/amq.direct/<id>"},
+                          "description": "RabbitMQ 3.x AMQP 1.0 plugin: requests sent to /amq/queue/<ns>.rpc.<host> "
+                                         "(a durable queue the agent declares as /queue/<ns>.rpc.<host>; send "
+                                         "durable messages), replies to the caller's /exchange/amq.direct/<id>, "
+                                         "published messages on /topic/<name>"},
         },
         "channels": {
             "rpc": {

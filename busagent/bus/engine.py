@@ -29,6 +29,7 @@ from proton import SSL, Connection, SSLDomain, Transport
 
 log = structlog.get_logger("busagent.bus")
 READ_CHUNK = 1 << 16
+CONNECT_TIMEOUT = 5.0  # seconds for a TCP connect to a broker before the next URL is tried
 
 
 @dataclass(eq=False)
@@ -42,6 +43,8 @@ class Link:
     url: str | None = None  # client connections: the URL connected to
     urls: tuple[str, ...] = ()
     attempt: int = 0
+    factory: Callable[[], Connection] | None = None  # client connections: a fresh Connection per attempt
+    backoff_cap: float = 10.0
     connected: bool = False
     closing: bool = False
     tick_deadline: float = 0.0
@@ -55,6 +58,15 @@ class Application:
     def process(self, link: Link) -> None: ...
     def connection_lost(self, link: Link, reason: str) -> None: ...
     def connected(self, link: Link) -> None: ...
+
+
+class _Dialing:
+    """Selector tag of a client socket whose non-blocking connect is under way."""
+
+    __slots__ = ("link", "sock", "host")
+
+    def __init__(self, link: Link, sock: socket.socket, host: str) -> None:
+        self.link, self.sock, self.host = link, sock, host
 
 
 def parse_url(url: str) -> tuple[str, str, int, str | None, str | None]:
@@ -94,6 +106,7 @@ class Engine:
         self._wake_pending = False
         self._wake_lock = threading.Lock()
         self._stopping = False
+        self._dialing: set[_Dialing] = set()
         self.thread: threading.Thread | None = None
         self.ssl_client: SSLDomain | None = None
         self.ssl_server: SSLDomain | None = None
@@ -146,33 +159,80 @@ class Engine:
             transport.bind(conn)
             self._register(link)
 
-    def connect(self, conn: Connection, urls: tuple[str, ...]) -> Link:
-        """Open a client connection with reconnection over ``urls`` (failover, capped backoff)."""
-        link = Link(conn, urls=urls)
-        link.app["backoff"] = backoff()
+    def connect(self, factory: Callable[[], Connection], urls: tuple[str, ...], backoff_cap: float = 10.0) -> Link:
+        """Open a client connection with reconnection over ``urls`` (failover, capped backoff).
+
+        ``factory`` makes the (opened) Connection for each attempt: a reconnection starts from
+        a fresh one, so that nothing of the lost one (sessions, links, deliveries) is attached
+        or sent again behind the application's back. ``link.connection`` is the current one.
+        """
+        link = Link(None, urls=urls, factory=factory, backoff_cap=backoff_cap)
+        link.app["backoff"] = backoff(cap=backoff_cap)
         self._dial(link)
         return link
 
+    def reset_backoff(self, link: Link) -> None:
+        """The connection is up (the peer answered): the next loss starts the delays afresh."""
+        link.app["backoff"] = backoff(cap=link.backoff_cap)
+
     def _dial(self, link: Link) -> None:
+        """Start a non-blocking connect to the next URL (a dead or black-holed one never stalls the loop)."""
         if self._stopping or link.closing:
             return
         url = link.urls[link.attempt % len(link.urls)]
         link.attempt += 1
-        scheme, host, port, user, password = parse_url(url)
         link.url = url
+        _scheme, host, port, _user, _password = parse_url(url)
+        sock = None
         try:
-            sock = socket.create_connection((host, port), timeout=5)
+            family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            err = sock.connect_ex(address)
         except OSError as exc:
+            if sock is not None:
+                sock.close()
             self._retry(link, f"connect to {host}:{port} failed: {exc}")
             return
-        sock.setblocking(False)
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self._retry(link, f"connect to {host}:{port} failed: {os.strerror(err)}")
+            return
+        dialing = _Dialing(link, sock, host)
+        self._dialing.add(dialing)
+        self.sel.register(sock, selectors.EVENT_WRITE, dialing)
+        self.call_later(CONNECT_TIMEOUT, lambda: self._dial_timeout(dialing))
+
+    def _dial_timeout(self, dialing: _Dialing) -> None:
+        if dialing in self._dialing:
+            self._dial_failed(dialing, f"connect timed out after {CONNECT_TIMEOUT:g} s")
+
+    def _dial_failed(self, dialing: _Dialing, reason: str) -> None:
+        self._dialing.discard(dialing)
+        self.sel.unregister(dialing.sock)
+        dialing.sock.close()
+        self._retry(dialing.link, reason)
+
+    def _dialed(self, dialing: _Dialing) -> None:
+        """The socket is writable: connected (or refused)."""
+        err = dialing.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._dial_failed(dialing, f"connect to {_redact(dialing.link.url)} failed: {os.strerror(err)}")
+            return
+        self._dialing.discard(dialing)
+        self.sel.unregister(dialing.sock)
+        link, sock = dialing.link, dialing.sock
+        if self._stopping or link.closing:
+            sock.close()
+            return
+        scheme, host, _port, user, password = parse_url(link.url)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport = Transport()
         if scheme == "amqps":
             domain = self.ssl_client or SSLDomain(SSLDomain.MODE_CLIENT)
             SSL(transport, domain).peer_hostname = host
         sasl = transport.sasl()
-        conn = link.connection
+        conn = link.factory()
         conn.hostname = host
         if user is not None:
             conn.user, conn.password = user, password or ""
@@ -180,10 +240,9 @@ class Engine:
             sasl.allow_insecure_mechs = True
         else:
             sasl.allowed_mechs("ANONYMOUS")
-        if conn.transport is not None:
-            conn.transport.unbind()
         transport.bind(conn)
-        link.transport, link.sock, link.connected = transport, sock, True
+        link.connection, link.transport, link.sock, link.connected = conn, transport, sock, True
+        link.app["work"] = True
         self._register(link)
         self.app.connected(link)
 
@@ -200,7 +259,7 @@ class Engine:
     def close_link(self, link: Link) -> None:
         """Close a client connection for good (no reconnection)."""
         link.closing = True
-        if link.connection.state & 2:  # LOCAL_ACTIVE
+        if link.connection is not None and link.connection.state & 2:  # LOCAL_ACTIVE
             link.connection.close()
 
     # -- the loop ------------------------------------------------------------------------
@@ -218,6 +277,8 @@ class Engine:
                     self._drain_wake()
                 elif tag == "listen":
                     self._accept(key.fileobj)
+                elif tag.__class__ is _Dialing:
+                    self._dialed(tag)
                 else:
                     if mask & selectors.EVENT_READ:
                         self._read(tag)
@@ -227,6 +288,10 @@ class Engine:
                 break
         for link in list(self.links.values()):
             self._drop(link, "agent stopping")
+        for dialing in list(self._dialing):
+            self.sel.unregister(dialing.sock)
+            dialing.sock.close()
+        self._dialing.clear()
         for sock in self.listeners.values():
             sock.close()
         self.sel.close()
@@ -364,11 +429,11 @@ class Engine:
             self.app.connection_lost(link, reason)
         except Exception:
             log.exception("connection_lost failed")
-        if not link.server and not link.closing and not self._stopping:
-            self._retry(link, reason)
-        elif link.transport is not None:
+        if link.transport is not None:
             link.transport.unbind()
             link.transport = None
+        if not link.server and not link.closing and not self._stopping:
+            self._retry(link, reason)
 
     def mark_work(self, link: Link) -> None:
         """Ask for ``process(link)`` on the next loop turn (reactor thread)."""

@@ -26,6 +26,7 @@ class Request:
     content_type: str | None
     deadline: float | None  # absolute, seconds since the epoch
     user_id: bytes | None
+    message_id: Any = None  # the key of write-request deduplication
 
 
 def decode_request(data: bytes) -> Request:
@@ -41,7 +42,7 @@ def decode_request(data: bytes) -> Request:
         deadline = (f["creation_time"] + f["ttl"]) / 1000.0
     cid = f["correlation_id"] if f["correlation_id"] is not None else f["id"]
     return Request(f["subject"], f.get("body"), f["reply_to"], cid, f["content_type"] or None, deadline,
-                   f["user_id"])
+                   f["user_id"], f["id"])
 
 
 def _decode_with_proton(data: bytes) -> Request:
@@ -59,7 +60,7 @@ def _decode_with_proton(data: bytes) -> Request:
     ctype = msg.content_type
     if ctype in ("", "None"):  # proton 0.40 reports an absent content-type as symbol('None')
         ctype = None
-    return Request(msg.subject, body, msg.reply_to, cid, ctype, deadline, msg.user_id)
+    return Request(msg.subject, body, msg.reply_to, cid, ctype, deadline, msg.user_id, msg.id)
 
 
 def parse_args(req: Request) -> Any:
@@ -107,9 +108,10 @@ def encode_reply(body: bytes, correlation_id: Any, address: str | None = None, s
 
 def encode_request(method: str, args: dict[str, Any], message_id: Any, reply_to: str | None,
                    address: str | None = None, ttl: float | None = None) -> bytes:
-    """Encode a request message (used by clients)."""
+    """Encode a request message (used by clients). Durable: a broker keeps it across a restart
+    (in a durable queue) until the agent accepts it."""
     msg = Message(body=json.dumps(args, separators=(",", ":")).encode(), inferred=True, subject=method,
-                  id=message_id, reply_to=reply_to, content_type=CONTENT_TYPE, address=address)
+                  id=message_id, reply_to=reply_to, content_type=CONTENT_TYPE, address=address, durable=True)
     if ttl:
         msg.ttl = ttl
         msg.creation_time = time.time()

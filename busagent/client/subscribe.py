@@ -7,6 +7,7 @@ import threading
 import uuid
 from typing import Any
 
+import structlog
 from proton import Delivery, Endpoint, Handler
 from proton.reactor import ApplicationEvent, Container, EventInjector
 
@@ -14,7 +15,15 @@ from busagent.bus.addressing import profile as get_profile
 from busagent.client.errors import ConnectionFailed
 from busagent.client.gaps import Gap, GapTracker
 
+log = structlog.get_logger("busagent.client")
 CREDIT = 1000
+RECONNECT_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0)  # then 2.0 s each
+
+
+def _delays():
+    yield from RECONNECT_DELAYS
+    while True:
+        yield RECONNECT_DELAYS[-1]
 
 
 class _SubHandler(Handler):
@@ -22,14 +31,24 @@ class _SubHandler(Handler):
         super().__init__()
         self.s = sub
         self.conn = None
+        self.container: Any = None
+        self.lost = False
+        self.closing = False
+        self.delays = _delays()
 
     def on_reactor_init(self, event: Any) -> None:
+        event.container.selectable(self.s._injector)
+        self.container = event.container
+        self._open()
+
+    def _open(self) -> None:
+        """Connect and attach one receiver per pattern (at start, and on each reconnection)."""
         s = self.s
-        event.container.selectable(s._injector)
-        kwargs: dict[str, Any] = {"reconnect": s.reconnect, "handler": self}
+        self.lost, s._attached = False, 0
+        kwargs: dict[str, Any] = {"reconnect": False, "handler": self}
         if s.user:
             kwargs.update(user=s.user, password=s.password, allowed_mechs="PLAIN", allow_insecure_mechs=True)
-        self.conn = event.container.connect(s.url, **kwargs)
+        self.conn = self.container.connect(s.url, **kwargs)
         for pattern in s.patterns:
             ssn = self.conn.session()
             ssn.open()
@@ -38,19 +57,51 @@ class _SubHandler(Handler):
             rcv.open()
             rcv.flow(CREDIT)
 
+    def _lost(self, conn: Any, why: str) -> None:
+        """Report the failure (the consumer's ``get`` raises it), or reconnect (``reconnect=True``):
+        a fresh connection and receivers after a pause; what was missed meanwhile shows as gaps."""
+        if conn != self.conn or self.lost or self.closing:
+            return
+        self.lost = True
+        s = self.s
+        s.ready.clear()
+        if not s.reconnect:
+            s._queue.put(ConnectionFailed(why))
+            return
+        delay = next(self.delays)
+        log.warning("subscription lost, reconnecting", why=why, retry_in=delay)
+        if conn.state & Endpoint.LOCAL_ACTIVE:
+            conn.close()
+        self.container.schedule(delay, self)
+
+    def on_timer_task(self, _event: Any) -> None:
+        if not self.closing:
+            self.s.reconnects += 1
+            self._open()
+
     def on_link_remote_open(self, event: Any) -> None:
+        if event.connection != self.conn:
+            return
         self.s._attached += 1
         if self.s._attached >= len(self.s.patterns):
+            self.delays = _delays()
             self.s.ready.set()
 
     def on_link_remote_close(self, event: Any) -> None:
         cond = event.link.remote_condition
-        self.s._queue.put(ConnectionFailed(f"subscription refused: {cond.description if cond else 'closed'}"))
         event.link.close()
+        self._lost(event.connection, f"subscription refused: {cond.description if cond else 'closed'}")
 
     def on_transport_error(self, event: Any) -> None:
         cond = event.transport.condition
-        self.s._queue.put(ConnectionFailed(f"{cond.name}: {cond.description}" if cond else "transport error"))
+        self._lost(event.connection, f"{cond.name}: {cond.description}" if cond else "transport error")
+
+    def on_transport_closed(self, event: Any) -> None:
+        self._lost(event.connection, "connection closed")
+
+    def on_connection_remote_close(self, event: Any) -> None:
+        cond = event.connection.remote_condition
+        self._lost(event.connection, f"connection closed by peer: {cond.description if cond else ''}")
 
     def on_delivery(self, event: Any) -> None:
         dlv, link = event.delivery, event.link
@@ -65,6 +116,7 @@ class _SubHandler(Handler):
         self.s._deliver(data)
 
     def on_sub_close(self, _event: Any) -> None:
+        self.closing = True
         if self.conn is not None and self.conn.state & Endpoint.LOCAL_ACTIVE:
             self.conn.close()
         self.s._container.stop()
@@ -74,6 +126,9 @@ class Subscription:
     """Receive published messages matching topic patterns (``libvirt.event.#``); detects gaps.
 
     Iterate for message dicts; a dict with ``"gap"`` reports missed messages or an agent restart.
+    ``reconnect=True``: after losing the connection (a broker restart), connect and subscribe
+    again by itself (with a capped backoff) instead of raising ``ConnectionFailed``; what was
+    published meanwhile is reported as gaps by the next messages.
     """
 
     def __init__(self, url: str, patterns: list[str], profile: str = "direct", user: str | None = None,
@@ -82,6 +137,7 @@ class Subscription:
         self.user, self.password, self.reconnect = user, password, reconnect
         self.gaps = GapTracker()
         self.received = 0
+        self.reconnects = 0
         self.ready = threading.Event()
         self._attached = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()

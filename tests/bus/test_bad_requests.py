@@ -1,12 +1,14 @@
 """Bad requests get clear error replies, and the agent keeps serving after each one.
 
 The first half goes through the real client; the second sends hand-made AMQP
-messages with a small proton client, to reach what the client never sends."""
+messages with a small proton client, to reach what the client never sends (straight to
+the agent in direct mode, through the broker's request queue in rabbitmq mode)."""
 from __future__ import annotations
 
 import itertools
 import json
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -135,17 +137,26 @@ def test_libvirt_rejects_bad_xml(client):
 
 
 class RawClient:
-    """Sends hand-made requests to the agent and reads the replies (blocking proton API)."""
+    """Sends hand-made requests to the agent and reads the replies (blocking proton API).
 
-    def __init__(self, agent: Any) -> None:
-        self.conn = BlockingConnection(agent.url, timeout=10)
-        self.receiver = self.conn.create_receiver(None, dynamic=True)
-        self.reply_to = self.receiver.remote_source.address
-        self.sender = self.conn.create_sender(f"libvirt.rpc.{agent.host_id}")
+    Direct mode: a dynamic reply receiver at the agent. RabbitMQ: replies to
+    /exchange/amq.direct/<id>, requests to the agent's queue (/amq/queue/: declares nothing)."""
+
+    def __init__(self, bus: Any, agent: Any) -> None:
+        if bus.mode == "direct":
+            self.conn = BlockingConnection(agent.url, timeout=10)
+            self.receiver = self.conn.create_receiver(None, dynamic=True)
+            self.reply_to = self.receiver.remote_source.address
+            self.sender = self.conn.create_sender(f"libvirt.rpc.{agent.host_id}")
+        else:
+            self.conn = BlockingConnection(bus.broker_url, timeout=10, allowed_mechs="PLAIN", allow_insecure_mechs=True)
+            self.reply_to = f"/exchange/amq.direct/raw-{uuid.uuid4().hex}"
+            self.receiver = self.conn.create_receiver(self.reply_to)
+            self.sender = self.conn.create_sender(f"/amq/queue/libvirt.rpc.{agent.host_id}")
         self.ids = itertools.count()
 
     def send(self, **props: Any) -> None:
-        """Send one message; returns once the agent settled it (after it ran)."""
+        """Send one message; returns once the agent (direct mode: after it ran) or the broker settled it."""
         self.sender.send(Message(**props))
 
     def request(self, **props: Any) -> tuple[Any, dict[str, Any]]:
@@ -161,8 +172,8 @@ class RawClient:
 
 
 @pytest.fixture
-def raw(agent):
-    c = RawClient(agent)
+def raw(bus, agent):
+    c = RawClient(bus, agent)
     yield c
     c.close()
 

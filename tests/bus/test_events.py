@@ -1,7 +1,8 @@
 """Every libvirt event kind end to end: libvirt callback -> agent -> bus -> Subscription.
 
-The session agent serves test:///default in direct mode; each test subscribes to
-``libvirt.event.#``, drives the test driver through the bus and checks what arrives: the kind,
+The session agent serves test:///default (in each bus mode: direct, and through RabbitMQ);
+each test subscribes to its events (``libvirt.event.<host>.#``: on a broker, other agents of the
+session publish too), drives the test driver through the bus and checks what arrives: the kind,
 the topic, the object reference, the event/detail numbers (against the binding's constants)
 and their names, the order within the scenario, and the stream's stamps (``seq`` strictly
 increasing, ``kind_seq`` without holes per topic, no gap reported).
@@ -25,7 +26,6 @@ import libvirt
 import pytest
 
 from busagent.api.apixml import load_api
-from busagent.client.subscribe import Subscription
 from busagent.events import load_events
 
 # event kind -> the test below that makes the test driver raise it
@@ -82,11 +82,11 @@ QUIET = 0.3  # seconds without a further matching message before a scenario coun
 
 
 class Watch:
-    """A Subscription on ``libvirt.event.#`` that keeps every message for the stream checks."""
+    """A Subscription on the agent's events that keeps every message for the stream checks."""
 
-    def __init__(self, url: str, host: str) -> None:
-        self.host = host
-        self.sub = Subscription(url, ["libvirt.event.#"])
+    def __init__(self, bus: Any, agent: Any) -> None:
+        self.host = agent.host_id
+        self.sub = bus.subscription(agent, [f"libvirt.event.{self.host}.#"])
         assert self.sub.ready.wait(WAIT), "subscription not attached"
         self.messages: list[dict[str, Any]] = []
         self.gaps: list[dict[str, Any]] = []
@@ -141,9 +141,9 @@ def summary(m: dict[str, Any]) -> tuple:
 
 
 @pytest.fixture
-def events(agent):
+def events(bus, agent):
     """Subscribed from here on: list it after the fixtures whose own events a test does not expect."""
-    w = Watch(agent.url, agent.host_id)
+    w = Watch(bus, agent)
     yield w
     w.sub.close()
     w.check_stream()

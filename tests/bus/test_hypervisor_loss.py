@@ -1,45 +1,34 @@
 """The agent survives its libvirtd: loss detected, reported, reconnected, events registered again.
 
-A private unprivileged libvirtd serving the test driver (scripts/libvirtd-testdriver) stands
-between the agent and the hypervisor. The test driver's state lives in that daemon and starts
-afresh with it, so nothing here relies on state across a restart (only on the stock guest
-``test``, running, that every fresh test driver has).
-
-The script starts libvirtd in the background and exits, so the daemon is reparented; where
-PID 1 does not reap orphans (some containers), a killed daemon stays a zombie that the script's
-``kill -0`` takes for alive. The fixture therefore adopts the daemon (child subreaper while the
-script runs) and reaps it itself.
+A private unprivileged libvirtd serving the test driver (scripts/libvirtd-testdriver: the
+``libvirtd`` fixture of tests/bus/conftest.py) stands between the agent and the hypervisor.
+The test driver's state lives in that daemon and starts afresh with it, so nothing here relies
+on state across a restart (only on the stock guest ``test``, running, that every fresh test
+driver has).
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import os
 import queue
 import shutil
 import signal
-import subprocess
-import tempfile
-import threading
 import time
 import weakref
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import libvirt
 import pytest
 
 import busagent.agent
-from busagent.client import Client, LibvirtError
-from busagent.client.subscribe import Subscription
+from busagent.client import LibvirtError
 from busagent.config import Settings
 from busagent.events import load_events
 from busagent.testing import RunningAgent
 from busagent.virt.connection import HypervisorConnection
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "libvirtd-testdriver"
 HAVE_LIBVIRTD = bool(shutil.which("libvirtd") or os.access("/usr/sbin/libvirtd", os.X_OK))
 
 pytestmark = [pytest.mark.libvirtd,
@@ -48,72 +37,6 @@ pytestmark = [pytest.mark.libvirtd,
 LOSS_BOUND = 5.0  # s from SIGKILL to agent.hypervisor_lost: the socket's EOF, no keepalive needed
 RECONNECT_BOUND = 5.0  # s from the daemon's return to agent.hypervisor_connected (first retries: 0.5 s, 1 s, 2 s)
 KEEPALIVE = (1, 2)  # interval, count for the hung-daemon test: a dead peer is declared after ~3 s
-PR_SET_CHILD_SUBREAPER = 36
-
-
-class Libvirtd:
-    """A private libvirtd (scripts/libvirtd-testdriver) that this process adopts and reaps."""
-
-    def __init__(self, workdir: str) -> None:
-        self.dir = workdir
-        self.pid: int | None = None
-        self._reaper: threading.Thread | None = None
-        self.uri = self.start()
-
-    def start(self) -> str:
-        libc = ctypes.CDLL(None, use_errno=True)
-        adopted = libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-        try:
-            out = subprocess.run([str(SCRIPT), "start", self.dir], capture_output=True, text=True, timeout=30)
-        finally:
-            if adopted:
-                libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-        assert out.returncode == 0, f"libvirtd-testdriver start failed: {out.stderr}"
-        self.pid = int(Path(self.dir, "libvirtd.pid").read_text())
-        self._reaper = threading.Thread(target=_reap, args=(self.pid,), daemon=True)
-        self._reaper.start()
-        return out.stdout.strip()
-
-    def signal(self, sig: int) -> None:
-        os.kill(self.pid, sig)
-
-    def kill(self) -> None:
-        """SIGKILL, and wait until the daemon is gone (reaped)."""
-        self.signal(signal.SIGKILL)
-        self._reaper.join(10)
-        assert not _running(self.pid), "killed libvirtd still around"
-
-    def stop(self) -> None:
-        if self.pid is not None and _running(self.pid):
-            os.kill(self.pid, signal.SIGCONT)  # in case a test left it stopped
-        subprocess.run([str(SCRIPT), "stop", self.dir], capture_output=True, timeout=30)
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass  # not adopted (no subreaper support): init reaps it
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-@pytest.fixture
-def libvirtd():
-    workdir = tempfile.mkdtemp(prefix="ba-lvd-", dir="/tmp")  # short: unix socket paths are limited
-    daemon = Libvirtd(workdir)
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def relevant(msg: dict[str, Any]) -> bool:
@@ -122,10 +45,10 @@ def relevant(msg: dict[str, Any]) -> bool:
 
 
 class Stream:
-    """A Subscription on ``libvirt.event.#``: the next relevant message, with when it arrived."""
+    """A Subscription on the agent's events: the next relevant message, with when it arrived."""
 
-    def __init__(self, url: str) -> None:
-        self.sub = Subscription(url, ["libvirt.event.#"])
+    def __init__(self, bus: Any, running: RunningAgent) -> None:
+        self.sub = bus.subscription(running, [f"libvirt.event.{running.host_id}.#"])
         assert self.sub.ready.wait(10), "subscription not attached"
         self.messages: list[dict[str, Any]] = []  # everything received, for the stream checks
         self.gaps: list[dict[str, Any]] = []
@@ -176,11 +99,11 @@ def lifecycle(msg: dict[str, Any]) -> tuple[str, str, str]:
 
 
 @contextlib.contextmanager
-def serve(libvirtd: Libvirtd):
-    """An agent on the private libvirtd, a client and an event stream."""
-    settings = Settings(uri=libvirtd.uri, metrics_listen="", host_id="lvd-host")
-    with RunningAgent(settings) as running, Client(running.url, timeout=15) as client:
-        stream = Stream(running.url)
+def serve(libvirtd: Any, bus: Any):
+    """An agent on the private libvirtd, a client and an event stream (in the bus mode of the run)."""
+    settings = Settings(uri=libvirtd.uri, metrics_listen="", host_id=bus.host_id("lvd-host"))
+    with bus.agent(settings) as running, bus.client(running, timeout=15) as client:
+        stream = Stream(bus, running)
         try:
             yield running, client, stream
         finally:
@@ -188,17 +111,17 @@ def serve(libvirtd: Libvirtd):
 
 
 @pytest.fixture
-def served(libvirtd):
-    with serve(libvirtd) as served:
+def served(libvirtd, bus):
+    with serve(libvirtd, bus) as served:
         yield served
 
 
 @pytest.fixture
-def served_short_keepalive(libvirtd, monkeypatch):
+def served_short_keepalive(libvirtd, bus, monkeypatch):
     """Its connections use KEEPALIVE (libvirt takes a connection's keepalive settings only once,
     so they must be in place before the agent opens it)."""
     monkeypatch.setattr(busagent.agent, "HypervisorConnection", partial(HypervisorConnection, keepalive=KEEPALIVE))
-    with serve(libvirtd) as served:
+    with serve(libvirtd, bus) as served:
         yield served
 
 

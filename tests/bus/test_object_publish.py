@@ -1,6 +1,6 @@
 """Objects on the bus: a message per change, periodic snapshots one message per kind,
 ``busagentResync`` for late consumers, automatic resync on a gap, and the ``watch`` and
-``hosts`` commands against an agent run as a process."""
+``hosts`` commands against an agent run as a process (in each bus mode)."""
 from __future__ import annotations
 
 import json
@@ -11,15 +11,16 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from busagent.client import Client
+from busagent.client import CallError, CallTimeout, Client, ConnectionFailed
 from busagent.client.subscribe import Subscription
 from busagent.client.view import FleetView, identity
 from busagent.config import Settings
-from busagent.testing import RunningAgent
 
 PUBLISHED_KINDS = {"node", "domain", "storage_pool", "network", "interface", "node_device"}  # no secrets: test driver
 
@@ -50,8 +51,8 @@ def domain_topic(agent):
 
 
 @pytest.fixture
-def subscription(agent):
-    with Subscription(agent.url, [f"libvirt.object.{agent.host_id}.#"]) as sub:
+def subscription(bus, agent):
+    with bus.subscription(agent, [f"libvirt.object.{agent.host_id}.#"]) as sub:
         assert sub.ready.wait(5)
         yield sub
 
@@ -103,10 +104,10 @@ def snapshot_batches(sub: Subscription, timeout: float = 8.0) -> dict[str, dict[
     return batches
 
 
-def test_periodic_snapshot_is_one_message_per_kind():
-    with RunningAgent(Settings(snapshot_interval=0.4, presence_interval=30, metrics_listen="")) as running, \
-            Subscription(running.url, [f"libvirt.object.{running.host_id}.#"]) as sub, \
-            Client(running.url, timeout=10) as client:
+def test_periodic_snapshot_is_one_message_per_kind(bus):
+    with bus.agent(Settings(snapshot_interval=0.4, presence_interval=30, metrics_listen="")) as running, \
+            bus.subscription(running, [f"libvirt.object.{running.host_id}.#"]) as sub, \
+            bus.client(running, timeout=10) as client:
         assert sub.ready.wait(5)
         batches = snapshot_batches(sub)
         fresh = client.call("busagentResync")
@@ -124,9 +125,9 @@ def test_periodic_snapshot_is_one_message_per_kind():
     assert batches["network"]["objects"][0]["bridge"] == "virbr0"
 
 
-def test_reconnect_publishes_a_full_snapshot():
-    with RunningAgent(Settings(snapshot_interval=3600, presence_interval=30, metrics_listen="")) as running, \
-            Subscription(running.url, [f"libvirt.object.{running.host_id}.#"]) as sub:
+def test_reconnect_publishes_a_full_snapshot(bus):
+    with bus.agent(Settings(snapshot_interval=3600, presence_interval=30, metrics_listen="")) as running, \
+            bus.subscription(running, [f"libvirt.object.{running.host_id}.#"]) as sub:
         assert sub.ready.wait(5)
         running.agent.hypervisor._mark_lost("simulated by the test")  # the supervisor reopens it
         batches = snapshot_batches(sub)
@@ -149,7 +150,7 @@ def comparable(objects: dict[str, list[dict[str, Any]]]) -> dict[tuple[str, str]
     return out
 
 
-def test_late_consumer_resyncs_then_follows(agent, client, cleanup, uniq, domain_xml):
+def test_late_consumer_resyncs_then_follows(bus, agent, client, cleanup, uniq, domain_xml):
     a, b, c = uniq("late-a"), uniq("late-b"), uniq("late-c")
     for name in (a, b, c):
         cleanup.add("virDomainUndefine", domain={"name": name})
@@ -159,7 +160,7 @@ def test_late_consumer_resyncs_then_follows(agent, client, cleanup, uniq, domain
     client.call("virDomainSuspend", domain={"name": a})
     client.call("virDomainDefineXML", xml=domain_xml(b))
 
-    with Subscription(agent.url, [f"libvirt.object.{agent.host_id}.#"]) as sub:
+    with bus.subscription(agent, [f"libvirt.object.{agent.host_id}.#"]) as sub:
         assert sub.ready.wait(5)
         fleet = FleetView(client, sub)
         view = fleet.resync()
@@ -181,9 +182,9 @@ def test_late_consumer_resyncs_then_follows(agent, client, cleanup, uniq, domain
     assert view.resyncs == 1 and view.applied > 0
 
 
-def test_gap_triggers_a_resync(agent, client, running_domain, domain_topic):
+def test_gap_triggers_a_resync(bus, agent, client, running_domain, domain_topic):
     name = running_domain["name"]
-    with Subscription(agent.url, [f"libvirt.object.{agent.host_id}.#"]) as sub:
+    with bus.subscription(agent, [f"libvirt.object.{agent.host_id}.#"]) as sub:
         assert sub.ready.wait(5)
         fleet = FleetView(client, sub)
         view = fleet.resync()
@@ -249,25 +250,41 @@ def read_until(q: queue.SimpleQueue, pred, timeout: float) -> list[str]:
     raise AssertionError(f"nothing matching within {timeout} s; got {got[-10:]}")
 
 
+@dataclass
+class AgentProcess:
+    """``busagent run`` as a process, in the run's bus mode, and how the CLI reaches it."""
+
+    url: str  # the agent (direct) or the broker
+    profile: str
+    namespace: str  # its own on a shared broker, so that ``hosts`` sees it alone
+    host: str
+
+    def cli(self, *args: str) -> list[str]:
+        return ["--url", self.url, "--profile", self.profile, "--namespace", self.namespace, *args]
+
+
 @pytest.fixture(scope="module")
-def agent_process():
+def agent_process(bus):
     port = free_port()
+    namespace = "libvirt" if bus.mode == "direct" else f"cli{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "BUSAGENT_PRESENCE_INTERVAL": "0.5", "BUSAGENT_METRICS_LISTEN": "",
-           "BUSAGENT_HOST_ID": "cli-agent"}
-    proc = subprocess.Popen([sys.executable, "-m", "busagent", "run", "--listen", f"127.0.0.1:{port}"], env=env,
+           "BUSAGENT_HOST_ID": "cli-agent", "BUSAGENT_NAMESPACE": namespace}
+    if bus.mode == "direct":
+        args, url = ["--listen", f"127.0.0.1:{port}"], f"amqp://127.0.0.1:{port}"
+    else:
+        args, url = ["--mode", "broker", "--broker-url", bus.broker_url, "--profile", bus.profile], bus.broker_url
+    proc = subprocess.Popen([sys.executable, "-m", "busagent", "run", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"amqp://127.0.0.1:{port}"
+    process = AgentProcess(url, bus.profile, namespace, "cli-agent")
     try:
         deadline = time.monotonic() + 20
         while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            if serving(process):
                 break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the agent process did not start") from None
-                time.sleep(0.1)
-        yield url
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the agent process did not start")
+            time.sleep(0.1)
+        yield process
     finally:
         proc.terminate()
         try:
@@ -277,34 +294,60 @@ def agent_process():
             proc.wait()
 
 
+def serving(process: AgentProcess) -> bool:
+    """Whether the agent answers (a broker queues calls until it consumes them: a short timeout)."""
+    try:
+        with Client(process.url, host=process.host, profile=process.profile, namespace=process.namespace,
+                    timeout=1) as client:
+            return bool(client.call("busagentPing"))
+    except (CallError, CallTimeout, ConnectionFailed):
+        return False
+
+
 def busagent_cli(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "busagent", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
 def test_watch_prints_messages(agent_process):
-    watch = busagent_cli("watch", "--url", agent_process, "--seconds", "20",
-                         "libvirt.object.cli-agent.#", "libvirt.event.cli-agent.#")
+    """Both patterns' messages come out. Through RabbitMQ each pattern is a queue of its own, and
+    nothing orders messages across queues: the event and the object may come either way round."""
+    ns = agent_process.namespace
+    watch = busagent_cli("watch", *agent_process.cli("--seconds", "20", f"{ns}.object.cli-agent.#",
+                                                      f"{ns}.event.cli-agent.#"))
+
+    def suspended_event(d: dict[str, Any]) -> bool:
+        return d["kind"] == "domain.lifecycle" and d["data"]["event_name"] == "VIR_DOMAIN_EVENT_SUSPENDED"
+
+    def paused_object(d: dict[str, Any]) -> bool:
+        return d["kind"] == "domain" and d.get("object", {}).get("state_name") == "VIR_DOMAIN_PAUSED"
+
+    docs: list[dict[str, Any]] = []
+
+    def both(line: str) -> bool:
+        docs.append(json.loads(line))
+        return any(map(suspended_event, docs)) and any(map(paused_object, docs))
+
     try:
         read_until(lines_of(watch.stderr), lambda line: line.startswith("watching "), 15)
         out = lines_of(watch.stdout)
-        with Client(agent_process, timeout=10) as client:
+        with Client(agent_process.url, host=agent_process.host, profile=agent_process.profile, namespace=ns,
+                    timeout=10) as client:
             client.call("virDomainSuspend", domain={"name": "test"})
-            docs = [json.loads(line) for line in read_until(
-                out, lambda line: '"kind":"domain"' in line and "VIR_DOMAIN_PAUSED" in line, 10)]
+            read_until(out, both, 10)
             client.call("virDomainResume", domain={"name": "test"})
     finally:
         watch.terminate()
         watch.wait(10)
     assert all(d["host"] == "cli-agent" for d in docs)
-    assert any(d["kind"] == "domain.lifecycle" and d["data"]["event_name"] == "VIR_DOMAIN_EVENT_SUSPENDED"
-               for d in docs)
-    assert docs[-1]["topic"] == "libvirt.object.cli-agent.domain" and docs[-1]["object"]["ref"]["name"] == "test"
+    obj = next(filter(paused_object, docs))
+    assert obj["topic"] == f"{ns}.object.cli-agent.domain" and obj["object"]["ref"]["name"] == "test"
+    assert next(filter(suspended_event, docs))["topic"] == f"{ns}.event.cli-agent.domain.lifecycle"
 
 
 def test_hosts_lists_the_live_agent(agent_process):
-    hosts = subprocess.run([sys.executable, "-m", "busagent", "hosts", "--url", agent_process, "--wait", "1.2",
-                            "--json"], capture_output=True, text=True, timeout=30)
+    hosts = subprocess.run([sys.executable, "-m", "busagent", "hosts", *agent_process.cli("--wait", "1.2", "--json")],
+                           capture_output=True, text=True, timeout=30)
     assert hosts.returncode == 0, hosts.stderr
     rows = [json.loads(line) for line in hosts.stdout.splitlines()]
     assert [r["host"] for r in rows] == ["cli-agent"]

@@ -19,12 +19,10 @@ import libvirtmod
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from busagent.client import Client
 from busagent.client.subscribe import Subscription
 from busagent.config import Settings
 from busagent.sampler import NOWAIT, HypervisorUnavailable, Sampler
 from busagent.stats_wiring import attach_stats
-from busagent.testing import RunningAgent
 
 LONG = 3600.0  # a period no test waits for: ticks happen at start and when a test asks
 
@@ -83,8 +81,8 @@ class LibvirtCalls:
 
 # -- a real agent on test:///default ---------------------------------------------------------
 @pytest.fixture(scope="module")
-def stats_agent():
-    with RunningAgent(Settings(metrics_listen="127.0.0.1:0", sample_interval=LONG), with_stats=False) as running:
+def stats_agent(bus):
+    with bus.agent(Settings(metrics_listen="127.0.0.1:0", sample_interval=LONG), with_stats=False) as running:
         handle = attach_stats(running.agent, start=False)
         try:
             yield running, handle
@@ -92,10 +90,10 @@ def stats_agent():
             handle.stop()
 
 
-def test_one_batch_per_kind_with_every_domain(stats_agent):
+def test_one_batch_per_kind_with_every_domain(bus, stats_agent):
     running, handle = stats_agent
     host = running.host_id
-    with Subscription(running.url, [f"libvirt.stats.{host}.*"]) as sub:
+    with bus.subscription(running, [f"libvirt.stats.{host}.*"]) as sub:
         assert sub.ready.wait(10)
         handle.sampler.start()  # its first tick is at once
         docs = next_docs(sub, 4)
@@ -120,10 +118,10 @@ def test_one_batch_per_kind_with_every_domain(stats_agent):
     assert any(n["name"] == "default" and n["active"] for n in by_kind["stats.network"]["networks"])
 
 
-def test_metrics_endpoint(stats_agent):
+def test_metrics_endpoint(bus, stats_agent):
     running, handle = stats_agent
     handle.sampler.sample_once()
-    with Client(running.url, timeout=15) as client:
+    with bus.client(running, timeout=15) as client:
         assert client.call("virConnectGetHostname")
     text, values = scrape(handle.metrics_port)
     assert "\nlibvirt_up 1.0\n" in text
@@ -158,8 +156,8 @@ def test_a_scrape_never_calls_libvirt(stats_agent, monkeypatch):
     assert handle.collector.scrapes >= 4
 
 
-def test_metrics_disabled_and_stop():
-    with RunningAgent(Settings(metrics_listen="", sample_interval=LONG), with_stats=False) as running:
+def test_metrics_disabled_and_stop(bus):
+    with bus.agent(Settings(metrics_listen="", sample_interval=LONG), with_stats=False) as running:
         handle = attach_stats(running.agent)
         assert handle.metrics_port is None
         deadline = time.monotonic() + 5
@@ -171,14 +169,14 @@ def test_metrics_disabled_and_stop():
 
 
 # -- 200 domains: one bulk call ---------------------------------------------------------------
-def test_200_domains_sampled_in_one_bulk_call(tmp_path, monkeypatch):
+def test_200_domains_sampled_in_one_bulk_call(bus, tmp_path, monkeypatch):
     uri = host_file(tmp_path / "host200.xml", 200)
     settings = Settings(uri=uri, metrics_listen="127.0.0.1:0", sample_interval=LONG)
-    with RunningAgent(settings, with_stats=False) as running:
+    with bus.agent(settings, with_stats=False) as running:
         handle = attach_stats(running.agent, start=False)
         try:
             calls = LibvirtCalls(monkeypatch)
-            with Subscription(running.url, [f"libvirt.stats.{running.host_id}.domain"]) as sub:
+            with bus.subscription(running, [f"libvirt.stats.{running.host_id}.domain"]) as sub:
                 assert sub.ready.wait(10)
                 durations = [handle.sampler.sample_once().duration for _ in range(5)]
                 docs = next_docs(sub, 5)
