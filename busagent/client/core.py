@@ -16,7 +16,6 @@ import threading
 import uuid
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
-from urllib.parse import urlsplit
 
 from proton import Delivery, Endpoint, Handler, Message, Terminus, symbol
 from proton.reactor import ApplicationEvent, Container, EventInjector
@@ -24,16 +23,10 @@ from proton.reactor import ApplicationEvent, Container, EventInjector
 from busagent.bus.addressing import Profile, rpc_name
 from busagent.bus.addressing import profile as get_profile
 from busagent.bus.envelope import encode_request
+from busagent.client.connecting import connect, reconnect_delays
 from busagent.client.errors import CallError, CallTimeout, ConnectionFailed
 
 CREDIT = 1000
-RECONNECT_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0)  # then 2.0 s each
-
-
-def _delays():
-    yield from RECONNECT_DELAYS
-    while True:
-        yield RECONNECT_DELAYS[-1]
 
 
 def _fail(fut: Future, exc: Exception) -> None:
@@ -61,7 +54,7 @@ class _ClientHandler(Handler):
         self.lost = False
         self.closing = False
         self.container: Any = None
-        self.delays = _delays()
+        self.delays = reconnect_delays()
 
     def on_reactor_init(self, event: Any) -> None:
         event.container.selectable(self.c._injector)
@@ -72,13 +65,8 @@ class _ClientHandler(Handler):
         """Open a connection and its reply receiver (at start, and on each reconnection)."""
         c = self.c
         self.ready, self.reply_to, self.senders, self.lost = False, None, {}, False
-        kwargs: dict[str, Any] = {"reconnect": False, "handler": self}
-        if c.user:
-            kwargs.update(user=c.user, password=c.password, allowed_mechs="PLAIN", allow_insecure_mechs=True)
         try:
-            if not c.user and urlsplit(c.url).username:  # amqp://user:pass@host: PLAIN, not the ANONYMOUS
-                kwargs.update(allowed_mechs="PLAIN", allow_insecure_mechs=True)  # RabbitMQ offers first
-            self.conn = self.container.connect(c.url, **kwargs)
+            self.conn = connect(self.container, c.url, self, c.user, c.password)
         except Exception as exc:  # bad URL and the like
             c._fail_all(ConnectionFailed(str(exc)))
             return
@@ -130,7 +118,7 @@ class _ClientHandler(Handler):
     def _maybe_ready(self) -> None:
         if self.reply_to and self.conn.state & Endpoint.REMOTE_ACTIVE and not self.ready:
             self.ready = True
-            self.delays = _delays()
+            self.delays = reconnect_delays()
             self.c._connected.set()
             self.on_client_send(None)
 

@@ -12,18 +12,12 @@ from proton import Delivery, Endpoint, Handler
 from proton.reactor import ApplicationEvent, Container, EventInjector
 
 from busagent.bus.addressing import profile as get_profile
+from busagent.client.connecting import connect, reconnect_delays
 from busagent.client.errors import ConnectionFailed
 from busagent.client.gaps import Gap, GapTracker
 
 log = structlog.get_logger("busagent.client")
 CREDIT = 1000
-RECONNECT_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0)  # then 2.0 s each
-
-
-def _delays():
-    yield from RECONNECT_DELAYS
-    while True:
-        yield RECONNECT_DELAYS[-1]
 
 
 class _SubHandler(Handler):
@@ -34,7 +28,7 @@ class _SubHandler(Handler):
         self.container: Any = None
         self.lost = False
         self.closing = False
-        self.delays = _delays()
+        self.delays = reconnect_delays()
 
     def on_reactor_init(self, event: Any) -> None:
         event.container.selectable(self.s._injector)
@@ -45,10 +39,7 @@ class _SubHandler(Handler):
         """Connect and attach one receiver per pattern (at start, and on each reconnection)."""
         s = self.s
         self.lost, s._attached = False, 0
-        kwargs: dict[str, Any] = {"reconnect": False, "handler": self}
-        if s.user:
-            kwargs.update(user=s.user, password=s.password, allowed_mechs="PLAIN", allow_insecure_mechs=True)
-        self.conn = self.container.connect(s.url, **kwargs)
+        self.conn = connect(self.container, s.url, self, s.user, s.password)
         for pattern in s.patterns:
             ssn = self.conn.session()
             ssn.open()
@@ -84,7 +75,7 @@ class _SubHandler(Handler):
             return
         self.s._attached += 1
         if self.s._attached >= len(self.s.patterns):
-            self.delays = _delays()
+            self.delays = reconnect_delays()
             self.s.ready.set()
 
     def on_link_remote_close(self, event: Any) -> None:

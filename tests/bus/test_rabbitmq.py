@@ -17,8 +17,6 @@ host without an agent times out.
 """
 from __future__ import annotations
 
-import socket
-import threading
 import time
 import uuid
 from concurrent.futures import wait
@@ -159,76 +157,19 @@ def test_many_clients_in_turn(broker_url, rabbit_agent):
             assert c.call("virConnectGetHostname")
 
 
-class CuttableProxy:
-    """A TCP relay to the broker whose connections can all be cut at once (a network failure)."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.sockets: list[socket.socket] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
+def test_agent_serves_again_after_losing_the_broker(broker_url, rabbit, tcp_proxy):
+    """The socket to the broker dies: the agent reconnects and consumes its requests again."""
+    with broker_agent(tcp_proxy.url(broker_url)) as agent:
+        assert rabbit.call("virConnectGetHostname", host=agent.host_id)
+        tcp_proxy.cut()
+        deadline = time.monotonic() + 20
         while True:
             try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            with self.lock:
-                self.sockets += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cut(self) -> None:
-        with self.lock:
-            victims, self.sockets = self.sockets, []
-        for s in victims:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    def close(self) -> None:
-        self.server.close()
-        self.cut()
-
-
-def test_agent_serves_again_after_losing_the_broker(broker_url, rabbit):
-    """The socket to the broker dies: the agent reconnects and consumes its requests again."""
-    parts = urlsplit(broker_url)
-    proxy = CuttableProxy(parts.hostname, parts.port)
-    try:
-        via_proxy = urlunsplit(parts._replace(netloc=f"{parts.netloc.rpartition('@')[0]}@127.0.0.1:{proxy.port}"))
-        with broker_agent(via_proxy) as agent:
-            assert rabbit.call("virConnectGetHostname", host=agent.host_id)
-            proxy.cut()
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    assert rabbit.call("virConnectGetHostname", host=agent.host_id, timeout=1)
-                    break
-                except CallTimeout:
-                    assert time.monotonic() < deadline, "the agent did not serve again after reconnecting"
-            assert rabbit.call("virConnectGetHostname", host=agent.host_id)
-    finally:
-        proxy.close()
+                assert rabbit.call("virConnectGetHostname", host=agent.host_id, timeout=1)
+                break
+            except CallTimeout:
+                assert time.monotonic() < deadline, "the agent did not serve again after reconnecting"
+        assert rabbit.call("virConnectGetHostname", host=agent.host_id)
 
 
 def raw_connection(broker_url: str) -> BlockingConnection:

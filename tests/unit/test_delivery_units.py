@@ -6,7 +6,7 @@ import itertools
 
 from busagent.bus.engine import backoff
 from busagent.bus.server import write_methods
-from busagent.client import core
+from busagent.client import connecting
 from busagent.rpc import Deduplicator
 
 
@@ -78,5 +78,5 @@ def test_reconnection_backoff_is_capped():
 
 
 def test_client_reconnection_delays_are_capped():
-    delays = list(itertools.islice(core._delays(), 10))
-    assert delays[:5] == list(core.RECONNECT_DELAYS) and set(delays[5:]) == {core.RECONNECT_DELAYS[-1]}
+    delays = list(itertools.islice(connecting.reconnect_delays(), 10))
+    assert delays[:5] == list(connecting.RECONNECT_DELAYS) and set(delays[5:]) == {connecting.RECONNECT_DELAYS[-1]}
