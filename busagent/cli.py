@@ -30,6 +30,8 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
+    import structlog
+
     from busagent import config, logconfig
     from busagent.agent import Agent
 
@@ -38,6 +40,12 @@ def cmd_run(ns: argparse.Namespace) -> int:
                            log_level=ns.log_level)
     logconfig.configure(settings.log_level)
     agent = Agent(settings)
+    try:
+        agent.start_services()
+    except OSError as exc:  # e.g. the listen or metrics port is taken: say so, no traceback
+        structlog.get_logger("busagent").error("cannot start", error=str(exc), listen=settings.listen,
+                                               metrics=settings.metrics_listen)
+        return 1
     agent.install_signal_handlers()
     agent.run()
     return 0
