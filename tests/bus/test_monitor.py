@@ -20,7 +20,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -37,19 +36,6 @@ PRESENCE = 0.5  # in-process agents: ttl 1.5 s
 KILLED_PRESENCE = 1.0  # the subprocess agent: ttl 3 s
 SAMPLE = 0.5
 IN_PROCESS = 5
-
-
-@pytest.fixture(scope="module")
-def broker_url() -> str:
-    url = os.environ.get("BUSAGENT_TEST_BROKER_URL")
-    if not url:
-        pytest.skip("BUSAGENT_TEST_BROKER_URL is not set (scripts/test starts a RabbitMQ and sets it)")
-    parts = urlsplit(url)
-    try:
-        socket.create_connection((parts.hostname, parts.port or 5672), timeout=5).close()
-    except OSError as exc:
-        pytest.fail(f"BUSAGENT_TEST_BROKER_URL={url} is set but the broker is unreachable: {exc}")
-    return url
 
 
 def host_file(path: Path, host: str, n: int) -> str:
