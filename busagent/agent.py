@@ -14,6 +14,7 @@ from busagent.bus.server import AgentBus
 from busagent.bus.topics import event_name
 from busagent.config import Settings
 from busagent.events import EventRegistrar, EventSpec
+from busagent.jobs import JobWatcher
 from busagent.objects import ObjectCatalog, ObjectPublisher
 from busagent.rpc import RpcService
 from busagent.stats_wiring import attach_stats
@@ -41,7 +42,8 @@ class Agent:
         open_with_retry(self.hypervisor)
         self.host_id = self.settings.host_id or self.hypervisor.hostname()
         dispatcher = Dispatcher(self.hypervisor.get)
-        service = RpcService(dispatcher)
+        service = RpcService(dispatcher, jobs=JobWatcher(self.hypervisor.get, self.publish_event,
+                                                                 self.settings.job_interval))
         self.bus = AgentBus(self.settings, get_profile(self.settings.profile), self.host_id, service)
         self.bus.start()
         self._start_objects(dispatcher)

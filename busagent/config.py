@@ -31,6 +31,7 @@ class Settings:
     presence_interval: float = 5.0  # heartbeat period; the heartbeat lives 3 periods
     snapshot_interval: float = 60.0  # periodic full object snapshot
     sample_interval: float = 10.0  # statistics sampler period
+    job_interval: float = 0.5  # job progress sampling while a long domain operation runs
     metrics_listen: str = "127.0.0.1:9177"  # Prometheus endpoint ('' turns it off)
     dedup_ids: int = 10_000  # write requests remembered by message id (a redelivery gets the first reply)
     dedup_seconds: float = 600.0  # ... for at most this long
@@ -47,7 +48,7 @@ class Settings:
             raise ConfigError("broker mode needs at least one broker URL")
         if self.mode == "direct" and self.profile != "direct":
             raise ConfigError("direct mode uses the 'direct' profile")
-        if self.presence_interval <= 0 or self.snapshot_interval <= 0 or self.sample_interval <= 0:
+        if min(self.presence_interval, self.snapshot_interval, self.sample_interval, self.job_interval) <= 0:
             raise ConfigError("intervals must be positive")
         if self.dedup_ids < 0 or self.dedup_seconds < 0 or self.publish_buffer < 0:
             raise ConfigError("dedup_ids, dedup_seconds and publish_buffer must not be negative")
@@ -66,6 +67,7 @@ _FILE_KEYS = {  # TOML section.key -> Settings field
     "agent.workers": "workers", "bus.credit": "credit", "limits.max_message_bytes": "max_message_bytes",
     "log.level": "log_level", "agent.presence_interval": "presence_interval",
     "agent.snapshot_interval": "snapshot_interval", "stats.interval": "sample_interval",
+    "agent.job_interval": "job_interval",
     "metrics.listen": "metrics_listen", "agent.dedup_ids": "dedup_ids", "agent.dedup_seconds": "dedup_seconds",
     "bus.publish_buffer": "publish_buffer", "bus.reconnect_max_delay": "reconnect_max_delay",
 }

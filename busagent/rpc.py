@@ -19,6 +19,7 @@ import structlog
 from busagent.api.dispatch import Dispatcher
 from busagent.api.errors import AgentError, BadRequest, Expired, Internal
 from busagent.bus.envelope import Request, expired, parse_args, reply_body
+from busagent.jobs import JOB_METHODS, JobWatcher
 from busagent.virt.errors import libvirt_error_data
 
 log = structlog.get_logger("busagent.rpc")
@@ -67,9 +68,10 @@ class RpcStats:
 class RpcService:
     """Serves method calls through a Dispatcher."""
 
-    def __init__(self, dispatcher: Dispatcher, stats: RpcStats | None = None) -> None:
+    def __init__(self, dispatcher: Dispatcher, stats: RpcStats | None = None, jobs: JobWatcher | None = None) -> None:
         self.dispatcher = dispatcher
         self.stats = stats or RpcStats()
+        self.jobs = jobs  # publishes job progress while long domain operations run
 
     def handle(self, req: Request) -> Outcome:
         start = time.perf_counter()
@@ -80,7 +82,12 @@ class RpcService:
                 raise Expired("the request's deadline passed before it could run")
             if not isinstance(req.subject, str) or not req.subject:
                 raise BadRequest("the subject must name a libvirt C function")
-            result, result_name = self.dispatcher.call(req.subject, parse_args(req))
+            args = parse_args(req)
+            if self.jobs is not None and req.subject in JOB_METHODS and isinstance(args, dict):
+                with self.jobs.watch(req.subject, args.get("domain", args.get("dom")), req.correlation_id):
+                    result, result_name = self.dispatcher.call(req.subject, args)
+            else:
+                result, result_name = self.dispatcher.call(req.subject, args)
             body, outcome = reply_body(result, result_name), "ok"
         except libvirt.libvirtError as exc:
             err = libvirt_error_data(exc)

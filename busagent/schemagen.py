@@ -44,9 +44,11 @@ def asyncapi(table: MethodTable) -> dict[str, Any]:
         "event": ("{namespace}.event.{host}.{kind}",
                   "one libvirt event callback: kind e.g. domain.lifecycle; `object` is the reference, `data` "
                   "the callback's payload by name with constant names beside enum numbers; agent.hypervisor_lost"
-                  " / agent.hypervisor_connected mark hypervisor loss and return",
+                  " / agent.hypervisor_connected mark hypervisor loss and return; domain.job_progress carries "
+                  "virDomainGetJobStats sampled while a long operation (save, dump, migration) runs",
                   {"object": {"type": "object"}, "data": {"type": "object"}},
-                  sorted(e.kind for e in load_events())),
+                  sorted(e.kind for e in load_events()) + [
+                      "agent.hypervisor_lost", "agent.hypervisor_connected", "domain.job_progress"]),
         "object": ("{namespace}.object.{host}.{kind}",
                    "property snapshot of one object on change (`object` or `removed`+`ref`), or of every object "
                    "of a kind (`snapshot`: true, `objects`), periodically and after a reconnect",

@@ -127,7 +127,7 @@ def _remove_leftovers(client: Client) -> None:
 @pytest.fixture(scope="session")
 def hv(realenv):
     settings = Settings(uri=realenv["qemu_uri"], host_id="real-qemu", sample_interval=1.0,
-                        metrics_listen="127.0.0.1:0", snapshot_interval=3600.0)
+                        metrics_listen="127.0.0.1:0", snapshot_interval=3600.0, job_interval=0.1)
     with RunningAgent(settings) as running:
         client = Client(running.url, timeout=120)
         events = Recorder(running.url, [f"libvirt.event.{running.host_id}.#"])

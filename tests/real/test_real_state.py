@@ -29,6 +29,13 @@ def test_save_restore(hv, alpha):
         ev.expect(m, about("domain", ALPHA, LIFE), [("SUSPENDED", "PAUSED"), ("STOPPED", "SAVED")], lifecycle_view)
         assert state(hv, alpha) == ("VIR_DOMAIN_SHUTOFF", "VIR_DOMAIN_SHUTOFF_SAVED")
         assert image.stat().st_size > 0
+        # the save ran as a job: its progress was published while the call was running
+        progress = ev.since(m, lambda msg: msg.get("kind") == "domain.job_progress")
+        assert progress, "no job progress published during virDomainSave"
+        assert [p["data"]["progress_seq"] for p in progress] == list(range(1, len(progress) + 1))
+        for p in progress:
+            assert p["object"]["domain"]["name"] == ALPHA and p["data"]["method"] == "virDomainSave"
+            assert p["data"]["stats"]["type"] != 0 and "time_elapsed" in p["data"]["stats"]
         saved_xml = hv.call("virDomainSaveImageGetXMLDesc", file=str(image), flags=0)
         assert f"<name>{ALPHA}</name>" in saved_xml
 
