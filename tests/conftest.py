@@ -35,6 +35,24 @@ BUS_MODES = ("direct", "rabbitmq")
 BROKER_PROFILE = "rabbitmq3"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def test_driver_keeper():
+    """One connection to ``test:///default`` held for the whole session.
+
+    Every in-process agent of the session shares libvirt's in-process test driver, which
+    is torn down when its last connection closes. When several agents stop together at the
+    end of the session, that teardown could race libvirt's event-loop thread still
+    dispatching the driver's events (a C-level abort was seen once there); with this
+    connection open, the driver outlives them all and goes away with the process."""
+    import libvirt
+
+    from busagent.virt.eventloop import ensure_event_loop
+
+    ensure_event_loop()
+    keeper = libvirt.open("test:///default")
+    yield keeper
+
+
 @pytest.fixture(scope="session")
 def broker_url() -> str:
     """The test broker (scripts/test starts one); skips without it, fails when it is unreachable."""
