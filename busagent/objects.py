@@ -85,6 +85,13 @@ def _uuids(objs: Iterable[Any]) -> set[str]:
     return {o.UUIDString() for o in objs}
 
 
+def _with_flags(list_all: Callable[[int], list[Any]], active: int, persistent: int,
+                autostart: int) -> list[tuple[Any, bool, bool, bool]]:
+    """Every object of a kind with its active/persistent/autostart flags: four list calls in all."""
+    flagged = [_uuids(list_all(flag)) for flag in (active, persistent, autostart)]
+    return [(o, *(o.UUIDString() in f for f in flagged)) for o in list_all(0)]
+
+
 class ObjectCatalog:
     """Reads the properties of every object of one hypervisor connection (thread-safe)."""
 
@@ -189,12 +196,9 @@ class ObjectCatalog:
 
     # -- storage ------------------------------------------------------------------------------
     def _all_storage_pool(self, conn: libvirt.virConnect) -> list[dict[str, Any]]:
-        pools = conn.listAllStoragePools(0)
-        active = _uuids(conn.listAllStoragePools(L.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE))
-        persistent = _uuids(conn.listAllStoragePools(L.VIR_CONNECT_LIST_STORAGE_POOLS_PERSISTENT))
-        autostart = _uuids(conn.listAllStoragePools(L.VIR_CONNECT_LIST_STORAGE_POOLS_AUTOSTART))
-        return _each(pools, lambda p: self._pool(p, p.UUIDString() in active, p.UUIDString() in persistent,
-                                                 p.UUIDString() in autostart))
+        return _each(_with_flags(conn.listAllStoragePools, L.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE,
+                                 L.VIR_CONNECT_LIST_STORAGE_POOLS_PERSISTENT,
+                                 L.VIR_CONNECT_LIST_STORAGE_POOLS_AUTOSTART), lambda f: self._pool(*f))
 
     def _one_storage_pool(self, pool: libvirt.virStoragePool) -> dict[str, Any]:
         return self._pool(pool, bool(pool.isActive()), bool(pool.isPersistent()), bool(pool.autostart()))
@@ -218,12 +222,9 @@ class ObjectCatalog:
 
     # -- networks and interfaces --------------------------------------------------------------
     def _all_network(self, conn: libvirt.virConnect) -> list[dict[str, Any]]:
-        nets = conn.listAllNetworks(0)
-        active = _uuids(conn.listAllNetworks(L.VIR_CONNECT_LIST_NETWORKS_ACTIVE))
-        persistent = _uuids(conn.listAllNetworks(L.VIR_CONNECT_LIST_NETWORKS_PERSISTENT))
-        autostart = _uuids(conn.listAllNetworks(L.VIR_CONNECT_LIST_NETWORKS_AUTOSTART))
-        return _each(nets, lambda n: self._network(n, n.UUIDString() in active, n.UUIDString() in persistent,
-                                                   n.UUIDString() in autostart))
+        return _each(_with_flags(conn.listAllNetworks, L.VIR_CONNECT_LIST_NETWORKS_ACTIVE,
+                                 L.VIR_CONNECT_LIST_NETWORKS_PERSISTENT, L.VIR_CONNECT_LIST_NETWORKS_AUTOSTART),
+                     lambda f: self._network(*f))
 
     def _one_network(self, net: libvirt.virNetwork) -> dict[str, Any]:
         return self._network(net, bool(net.isActive()), bool(net.isPersistent()), bool(net.autostart()))
