@@ -12,8 +12,18 @@ from busagent.api import refs
 from busagent.api.errors import InvalidArguments, NotSupported, UnknownMethod
 from busagent.api.marshal import shape_result, to_python
 from busagent.api.schema import validator_schema
-from busagent.api.table import Method, MethodTable, load_table
+from busagent.api.table import Method, MethodTable, Param, load_table
 from busagent.xmlsafe import UnsafeXML, check_xml
+
+_XML_PARAMS: dict[str, tuple[Param, ...]] = {}
+
+
+def _xml_params(m: Method) -> tuple[Param, ...]:
+    """The arguments of a method that carry XML documents (checked before libvirt sees them)."""
+    found = _XML_PARAMS.get(m.name)
+    if found is None:
+        found = _XML_PARAMS[m.name] = tuple(p for p in m.params if "xml" in p.name.lower())
+    return found
 
 
 def _json_path(exc: fastjsonschema.JsonSchemaValueException) -> str:
@@ -72,8 +82,8 @@ class Dispatcher:
             self.validator(m)(args)
         except fastjsonschema.JsonSchemaValueException as exc:
             raise InvalidArguments(exc.message.replace("data", "$", 1), _json_path(exc)) from None
-        for p in m.params:
-            if "xml" in p.name.lower() and args.get(p.name) is not None:
+        for p in _xml_params(m):
+            if args.get(p.name) is not None:
                 values = args[p.name] if p.kind == "strings" else [args[p.name]]
                 for i, text in enumerate(values):
                     if isinstance(text, str):
