@@ -37,6 +37,16 @@ class Settings:
     dedup_seconds: float = 600.0  # ... for at most this long
     publish_buffer: int = 10_000  # broker mode: published messages kept for resending across a reconnection
     reconnect_max_delay: float = 10.0  # broker mode: cap of the delay between reconnection attempts
+    # -- security (README "Security") --------------------------------------------------------
+    tls_cert: str = ""  # PEM certificate: direct mode serves amqps with it; broker mode presents it
+    tls_key: str = ""  # its PEM private key (a file only its owner may read)
+    tls_ca: str = ""  # PEM CA bundle: verifies client certificates (direct) or the broker's (broker)
+    tls_client_auth: str = "none"  # direct mode: 'none' | 'optional' | 'required' client certificates
+    tls_verify_hostname: bool = True  # broker mode: the broker's certificate must name its host
+    credentials_file: str = ""  # broker mode: TOML with user/password for SASL PLAIN (mode 600)
+    max_json_depth: int = 32  # request arguments nested deeper are refused
+    max_arg_bytes: int = 1 << 20  # one string argument longer than this is refused
+    security: dict[str, Any] = field(default_factory=dict)  # the [security] table: roles, principals
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> Settings:
@@ -56,6 +66,14 @@ class Settings:
             raise ConfigError("reconnect_max_delay must be positive")
         if not 1 <= self.workers <= 256:
             raise ConfigError("workers must be between 1 and 256")
+        if self.tls_client_auth not in ("none", "optional", "required"):
+            raise ConfigError("tls_client_auth must be 'none', 'optional' or 'required'")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key go together")
+        if self.tls_client_auth != "none" and not self.tls_ca:
+            raise ConfigError("verifying client certificates needs tls_ca")
+        if self.max_json_depth < 2 or self.max_arg_bytes < 1024:
+            raise ConfigError("max_json_depth must be >= 2 and max_arg_bytes >= 1024")
         if not self.namespace or any(c in self.namespace for c in "/ #*"):
             raise ConfigError("namespace must be a plain word")
         return self
@@ -70,7 +88,11 @@ _FILE_KEYS = {  # TOML section.key -> Settings field
     "agent.job_interval": "job_interval",
     "metrics.listen": "metrics_listen", "agent.dedup_ids": "dedup_ids", "agent.dedup_seconds": "dedup_seconds",
     "bus.publish_buffer": "publish_buffer", "bus.reconnect_max_delay": "reconnect_max_delay",
+    "tls.cert": "tls_cert", "tls.key": "tls_key", "tls.ca": "tls_ca", "tls.client_auth": "tls_client_auth",
+    "tls.verify_hostname": "tls_verify_hostname", "bus.credentials_file": "credentials_file",
+    "limits.max_json_depth": "max_json_depth", "limits.max_arg_bytes": "max_arg_bytes",
 }
+_TABLES = {"security": "security"}  # whole TOML tables -> Settings field (file only)
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -79,6 +101,16 @@ def _coerce(name: str, value: Any) -> Any:
         return int(value)
     if kind == "float":
         return float(value)
+    if kind == "bool":
+        if isinstance(value, str):
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ConfigError(f"{name} must be true or false, not {value!r}")
+            return value.lower() in ("1", "true", "yes")
+        return bool(value)
+    if kind == "dict[str, Any]":
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a table")
+        return dict(value)
     if kind == "tuple[str, ...]":
         return tuple(value.split(",") if isinstance(value, str) else value)
     return str(value)
@@ -95,9 +127,12 @@ def load(path: str | None = None, env: dict[str, str] | None = None, **flags: An
             section, key = dotted.split(".")
             if key in doc.get(section, {}):
                 values[name] = _coerce(name, doc[section][key])
+        for table, name in _TABLES.items():
+            if table in doc:
+                values[name] = _coerce(name, doc[table])
     for f in fields(Settings):
         raw = (env if env is not None else os.environ).get(f"BUSAGENT_{f.name.upper()}")
-        if raw is not None and f.name != "extra":
+        if raw is not None and f.name not in ("extra", *_TABLES.values()):
             values[f.name] = _coerce(f.name, raw)
     values.update({k: _coerce(k, v) for k, v in flags.items() if v is not None})
     settings = replace(Settings(), **values)

@@ -27,6 +27,7 @@ class Request:
     deadline: float | None  # absolute, seconds since the epoch
     user_id: bytes | None
     message_id: Any = None  # the key of write-request deduplication
+    principal: str | None = None  # who sent it, as the transport proved it (None: unauthenticated)
 
 
 def decode_request(data: bytes) -> Request:

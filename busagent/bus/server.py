@@ -256,7 +256,7 @@ class AgentBus(Application):
             self._attach(lnk, link)
         for rcv in _each(conn.link_head, ACTIVE | R_ACTIVE) if link.app.get("has_receivers") else ():
             if rcv.is_receiver:
-                self._receive(rcv)
+                self._receive(rcv, link)
         if self._batch:
             self._submit_batch()
         for lnk in _each(conn.link_head, ACTIVE | R_CLOSED):
@@ -447,8 +447,8 @@ class AgentBus(Application):
                 self.published["not_accepted"] += 1
 
     # -- requests -------------------------------------------------------------------------
-    def _receive(self, link: PnLink) -> None:
-        """Take every complete message waiting on a receiver."""
+    def _receive(self, link: PnLink, owner: Link) -> None:
+        """Take every complete message waiting on a receiver (``owner``: its connection)."""
         while True:
             dlv = link.current
             if dlv is None or not dlv.readable:
@@ -458,9 +458,22 @@ class AgentBus(Application):
                     link.condition = Condition("amqp:link:message-size-exceeded", "message too large")
                     link.close()
                 return
-            self._delivery(dlv, link)
+            self._delivery(dlv, link, owner)
 
-    def _delivery(self, dlv: Delivery, link: PnLink) -> None:
+    def _principal(self, owner: Link, request: Any) -> str | None:
+        """Who sent a request: the connection's authenticated identity (direct mode) or the
+        user-id the broker validated (broker mode); None when unauthenticated."""
+        if owner is self._broker:
+            uid = request.user_id
+            if isinstance(uid, (bytes, memoryview)):
+                try:
+                    return bytes(uid).decode("utf-8") or None
+                except UnicodeDecodeError:
+                    return None
+            return uid or None
+        return owner.app.get("principal")
+
+    def _delivery(self, dlv: Delivery, link: PnLink, owner: Link) -> None:
         data = link.recv(dlv.pending)
         link.advance()
         if link.credit < self.credit // 2:
@@ -472,6 +485,7 @@ class AgentBus(Application):
             dlv.update(Delivery.REJECTED)
             dlv.settle()
             return
+        request.principal = self._principal(owner, request)
         job = Job(dlv, request, self._gen)
         if request.message_id is not None and request.subject in self._writes:
             key = (request.subject, request.message_id)
