@@ -41,7 +41,7 @@ class Settings:
     tls_cert: str = ""  # PEM certificate: direct mode serves amqps with it; broker mode presents it
     tls_key: str = ""  # its PEM private key (a file only its owner may read)
     tls_ca: str = ""  # PEM CA bundle: verifies client certificates (direct) or the broker's (broker)
-    tls_client_auth: str = "none"  # direct mode: 'none' | 'optional' | 'required' client certificates
+    tls_client_auth: str = "none"  # direct mode: 'none' | 'required' (client certificates, SASL EXTERNAL)
     tls_verify_hostname: bool = True  # broker mode: the broker's certificate must name its host
     credentials_file: str = ""  # broker mode: TOML with user/password for SASL PLAIN (mode 600)
     max_json_depth: int = 32  # request arguments nested deeper are refused
@@ -66,8 +66,8 @@ class Settings:
             raise ConfigError("reconnect_max_delay must be positive")
         if not 1 <= self.workers <= 256:
             raise ConfigError("workers must be between 1 and 256")
-        if self.tls_client_auth not in ("none", "optional", "required"):
-            raise ConfigError("tls_client_auth must be 'none', 'optional' or 'required'")
+        if self.tls_client_auth not in ("none", "required"):
+            raise ConfigError("tls_client_auth must be 'none' or 'required'")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key go together")
         if self.tls_client_auth != "none" and not self.tls_ca:

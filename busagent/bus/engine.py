@@ -27,8 +27,16 @@ from urllib.parse import unquote, urlsplit
 import structlog
 from proton import SSL, Connection, SSLDomain, Transport
 
+from busagent.bus.tls import client_mechanisms
+
 log = structlog.get_logger("busagent.bus")
 READ_CHUNK = 1 << 16
+# Bytes taken from one socket before the application looks at its connection again. Proton
+# keeps a settled delivery's buffer, at the largest size it reached, for reuse within the
+# connection: letting whole big messages pile up in deliveries between two looks would pin
+# that much memory per delivery for the connection's life. The application reads what has
+# come of a message each time (busagent.bus.server), so a delivery holds at most this much.
+READ_BUDGET = 1 << 17
 CONNECT_TIMEOUT = 5.0  # seconds for a TCP connect to a broker before the next URL is tried
 
 
@@ -108,8 +116,10 @@ class Engine:
         self._stopping = False
         self._dialing: set[_Dialing] = set()
         self.thread: threading.Thread | None = None
-        self.ssl_client: SSLDomain | None = None
-        self.ssl_server: SSLDomain | None = None
+        self.ssl_client: SSLDomain | None = None  # amqps:// URLs (built by busagent.bus.tls)
+        self.ssl_server: SSLDomain | None = None  # the listener serves TLS only when set
+        self.client_certificate = False  # ssl_client presents a certificate (SASL EXTERNAL possible)
+        self.credentials: Any = None  # (user, Secret) for SASL PLAIN when the URL names no user
 
     # -- cross-thread --------------------------------------------------------------------
     def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
@@ -234,12 +244,13 @@ class Engine:
         sasl = transport.sasl()
         conn = link.factory()
         conn.hostname = host
+        if user is None and self.credentials is not None:
+            user, password = self.credentials[0], self.credentials[1].reveal()
+        mechs = client_mechanisms(user, scheme == "amqps" and self.client_certificate)
+        sasl.allowed_mechs(mechs)  # only this one: configured credentials never fall back to ANONYMOUS
         if user is not None:
             conn.user, conn.password = user, password or ""
-            sasl.allowed_mechs("PLAIN")
-            sasl.allow_insecure_mechs = True
-        else:
-            sasl.allowed_mechs("ANONYMOUS")
+            sasl.allow_insecure_mechs = scheme != "amqps"  # PLAIN in clear only where the URL asks for it
         transport.bind(conn)
         link.connection, link.transport, link.sock, link.connected = conn, transport, sock, True
         link.app["work"] = True
@@ -350,7 +361,8 @@ class Engine:
 
     def _read(self, link: Link) -> None:
         t = link.transport
-        while True:
+        budget = READ_BUDGET
+        while budget > 0:
             cap = t.capacity()
             if cap < 0:  # tail closed
                 break
@@ -368,6 +380,7 @@ class Engine:
                 t.close_tail()
                 break
             t.push(data)
+            budget -= len(data)
             if len(data) < min(cap, READ_CHUNK):
                 break
         link.app["dirty"] = True
