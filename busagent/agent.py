@@ -6,9 +6,11 @@ import signal
 import threading
 from typing import Any
 
+import libvirt
 import structlog
 
 from busagent.api.dispatch import Dispatcher
+from busagent.authz import Policy
 from busagent.bus.addressing import profile as get_profile
 from busagent.bus.server import AgentBus
 from busagent.bus.topics import event_name
@@ -32,6 +34,11 @@ class Agent:
         self.with_stats = with_stats
         self.stats = None
         self.hypervisor = HypervisorConnection(settings.uri)
+        # [security] configured: authorize every call; else everyone may call everything
+        self.policy = Policy.from_config(settings.security) if settings.security else Policy.open()
+        # read-only roles' calls go through a read-only connection, so libvirt refuses writes too
+        self.readonly_hypervisor = (HypervisorConnection(settings.uri, readonly=True)
+                                    if self.policy.enabled and self.policy.needs_readonly else None)
         self.host_id = ""
         self.bus: AgentBus | None = None
         self.ready = threading.Event()
@@ -42,8 +49,11 @@ class Agent:
         open_with_retry(self.hypervisor)
         self.host_id = self.settings.host_id or self.hypervisor.hostname()
         dispatcher = Dispatcher(self.hypervisor.get)
+        readonly_dispatcher = self._open_readonly(dispatcher)
         service = RpcService(dispatcher, jobs=JobWatcher(self.hypervisor.get, self.publish_event,
-                                                                 self.settings.job_interval))
+                                                                 self.settings.job_interval),
+                             policy=self.policy, readonly_dispatcher=readonly_dispatcher)
+        log.info("authorization", uri=self.settings.uri, **self.policy.describe())
         self.bus = AgentBus(self.settings, get_profile(self.settings.profile), self.host_id, service)
         self.bus.start()
         self._start_objects(dispatcher)
@@ -62,6 +72,19 @@ class Agent:
         gc.freeze()
         log.info("agent starting", host_id=self.host_id, uri=self.settings.uri, mode=self.settings.mode,
                  methods=dispatcher.table.coverage_line())
+
+    def _open_readonly(self, dispatcher: Dispatcher) -> Dispatcher | None:
+        """The read-only connection and its dispatcher, when a role needs them; opened now (a failure
+        is logged and the connection opened again at the next read-only call), then supervised."""
+        ro = self.readonly_hypervisor
+        if ro is None:
+            return None
+        try:
+            ro.open()
+        except libvirt.libvirtError as exc:
+            log.warning("read-only hypervisor connection not open yet", uri=ro.uri, error=str(exc))
+        ro.start_supervisor()
+        return Dispatcher(ro.get, table=dispatcher.table)
 
     def _start_objects(self, dispatcher: Dispatcher) -> None:
         """Object snapshots: on change (events), periodically, after a reconnect; serves busagentResync."""
@@ -103,6 +126,8 @@ class Agent:
             self.objects.close()
             self.bus.workers.close()
             self.hypervisor.close()
+            if self.readonly_hypervisor is not None:
+                self.readonly_hypervisor.close()
             log.info("agent stopped", host_id=self.host_id)
 
     def stop(self) -> None:

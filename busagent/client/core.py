@@ -16,6 +16,7 @@ import threading
 import uuid
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from proton import Delivery, Endpoint, Handler, Message, Terminus, symbol
 from proton.reactor import ApplicationEvent, Container, EventInjector
@@ -220,6 +221,11 @@ class Client:
         self.url, self.host_id, self.namespace, self.timeout = url, host, namespace, timeout
         self.profile: Profile = get_profile(profile)
         self.user, self.password = user, password
+        # every request names its sender's user (``user``, else the URL's): a broker validates it
+        # against the authenticated user, and an agent in broker mode authorizes by it
+        url_user = urlsplit(url).username
+        sender = user or (unquote(url_user) if url_user else None)
+        self._user_id = sender.encode() if sender else None
         self.reconnect = reconnect
         self.reconnects = 0  # connections opened again after a loss
         self.resent = 0  # calls sent again (same message id) by call(..., retries=N)
@@ -258,7 +264,7 @@ class Client:
                 return None
             with self._lock:
                 self._pending[msg_id] = (fut, target_host)
-            return encode_request(method, body, msg_id, reply_to, ttl=ttl)
+            return encode_request(method, body, msg_id, reply_to, ttl=ttl, user_id=self._user_id)
 
         if self._failure is not None:
             fut.set_exception(self._failure)

@@ -28,7 +28,12 @@ LostListener = Callable[[str], None]
 
 
 class HypervisorConnection:
-    """Thread-safe holder of one libvirt connection to ``uri``."""
+    """Thread-safe holder of one libvirt connection to ``uri``.
+
+    ``readonly``: opened with ``virConnectOpenReadOnly`` (libvirt refuses every call that
+    changes something with VIR_ERR_OPERATION_DENIED); the agent serves read-only roles'
+    calls through one, supervised and reopened like the main connection.
+    """
 
     def __init__(self, uri: str, readonly: bool = False, keepalive: tuple[int, int] = (5, 3)) -> None:
         self.uri = uri
@@ -74,7 +79,7 @@ class HypervisorConnection:
                 old, self._conn, self._alive = self._conn, conn, True
                 self.generation = generation
                 self._lost.clear()
-        log.info("hypervisor connected", uri=self.uri, generation=generation)
+        log.info("hypervisor connected", uri=self.uri, generation=generation, readonly=self.readonly)
         for listener in list(self.on_open):
             try:
                 listener(conn, generation)
@@ -94,7 +99,7 @@ class HypervisorConnection:
                 return
             self._alive = False
             self.losses += 1
-        log.warning("hypervisor connection lost", uri=self.uri, why=why)
+        log.warning("hypervisor connection lost", uri=self.uri, why=why, readonly=self.readonly)
         for listener in list(self.on_lost):
             try:
                 listener(why)
@@ -114,7 +119,8 @@ class HypervisorConnection:
 
     def start_supervisor(self, initial: float = 0.5, cap: float = 10.0) -> None:
         """Reconnect in the background whenever the connection is lost."""
-        threading.Thread(target=self._supervise, args=(initial, cap), name="libvirt-supervisor",
+        name = "libvirt-supervisor-ro" if self.readonly else "libvirt-supervisor"
+        threading.Thread(target=self._supervise, args=(initial, cap), name=name,
                          daemon=True).start()
 
     def _supervise(self, initial: float, cap: float) -> None:
