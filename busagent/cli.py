@@ -32,17 +32,23 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
 def cmd_run(ns: argparse.Namespace) -> int:
     import structlog
 
-    from busagent import config, logconfig
+    from busagent import config, logconfig, memory
     from busagent.agent import Agent
 
-    settings = config.load(ns.config, uri=ns.uri, listen=ns.listen, mode=ns.mode, profile=ns.profile,
-                           broker_urls=ns.broker_url, host_id=ns.host_id, namespace=ns.namespace,
-                           log_level=ns.log_level)
+    try:
+        settings = config.load(ns.config, uri=ns.uri, listen=ns.listen, mode=ns.mode, profile=ns.profile,
+                               broker_urls=ns.broker_url, host_id=ns.host_id, namespace=ns.namespace,
+                               log_level=ns.log_level)
+    except (OSError, ValueError) as exc:  # ConfigError, a TOML error, a missing file
+        logconfig.configure("info")
+        structlog.get_logger("busagent").error("bad configuration", error=str(exc))
+        return 2
     logconfig.configure(settings.log_level)
+    memory.pin_mmap_threshold()  # big requests' buffers go back to the system once answered
     agent = Agent(settings)
     try:
         agent.start_services()
-    except OSError as exc:  # e.g. the listen or metrics port is taken: say so, no traceback
+    except (OSError, ValueError) as exc:  # a port taken, a key others may read, a bad policy: say so
         structlog.get_logger("busagent").error("cannot start", error=str(exc), listen=settings.listen,
                                                metrics=settings.metrics_listen)
         return 1

@@ -18,6 +18,7 @@ import structlog
 
 from busagent.api.dispatch import Dispatcher
 from busagent.api.errors import AgentError, BadRequest, Expired, Internal
+from busagent.authz import Policy, Unauthorized
 from busagent.bus.envelope import Request, expired, parse_args, reply_body
 from busagent.jobs import JOB_METHODS, JobWatcher
 from busagent.virt.errors import libvirt_error_data
@@ -65,13 +66,55 @@ class RpcStats:
             self.rejected[reason] += 1
 
 
-class RpcService:
-    """Serves method calls through a Dispatcher."""
+AGENT_METHODS = frozenset({"busagentListMethods", "busagentPing", "busagentResync"})  # reads
 
-    def __init__(self, dispatcher: Dispatcher, stats: RpcStats | None = None, jobs: JobWatcher | None = None) -> None:
+
+class RpcService:
+    """Serves method calls through a Dispatcher.
+
+    With an enabled ``policy``, each request is authorized for its principal before it runs
+    (after the deadline and subject checks, before its body is parsed): a refused one is
+    answered ``unauthorized``; one allowed to a read-only role runs through
+    ``readonly_dispatcher``, bound to a read-only libvirt connection, so libvirt refuses
+    writes too. A peer without a role is refused whatever it calls, so it cannot learn
+    which methods exist; a peer with a role calling an unknown or unserved method gets
+    ``unknown_method`` / ``not_supported`` as without a policy. The agent's own methods
+    (``busagent*``) are reads and run on the main dispatcher (they make no libvirt calls of
+    the caller's choosing).
+    """
+
+    def __init__(self, dispatcher: Dispatcher, stats: RpcStats | None = None, jobs: JobWatcher | None = None,
+                 policy: Policy | None = None, readonly_dispatcher: Dispatcher | None = None) -> None:
         self.dispatcher = dispatcher
         self.stats = stats or RpcStats()
         self.jobs = jobs  # publishes job progress while long domain operations run
+        self.policy = policy if policy is not None and policy.enabled else None  # None: no authorization
+        if self.policy is not None and self.policy.needs_readonly and readonly_dispatcher is None:
+            raise ValueError("a policy with read-only roles needs a read-only dispatcher")
+        self.readonly_dispatcher = readonly_dispatcher
+
+    def authorize(self, req: Request) -> Dispatcher:
+        """The dispatcher that runs ``req`` for its principal; raises Unauthorized."""
+        policy, name = self.policy, req.subject
+        if policy is None:
+            return self.dispatcher
+        if name.startswith("busagent"):
+            policy.decide(req.principal, name, "read")
+            return self.dispatcher
+        m = self.dispatcher.table.methods.get(name)
+        if m is None or m.excluded:
+            policy.role_of(req.principal)  # only a peer with a role learns what is not served
+            return self.dispatcher  # which answers unknown_method / not_supported
+        decision = policy.decide(req.principal, name, m.access)
+        return self.readonly_dispatcher if decision.readonly else self.dispatcher
+
+    def _label(self, name: str) -> str:
+        """The name a request is counted and logged under: a name the peer made up becomes
+        ``(unknown)``, so that counters and log lines stay bounded whatever peers send."""
+        table = self.dispatcher.table
+        if name in table.methods or name in AGENT_METHODS or name in table.helpers:
+            return name
+        return "(unknown)"
 
     def handle(self, req: Request) -> Outcome:
         start = time.perf_counter()
@@ -82,22 +125,30 @@ class RpcService:
                 raise Expired("the request's deadline passed before it could run")
             if not isinstance(req.subject, str) or not req.subject:
                 raise BadRequest("the subject must name a libvirt C function")
+            dispatcher = self.authorize(req)
             args = parse_args(req)
             if self.jobs is not None and req.subject in JOB_METHODS and isinstance(args, dict):
-                with self.jobs.watch(req.subject, args.get("domain", args.get("dom")), req.correlation_id):
-                    result, result_name = self.dispatcher.call(req.subject, args)
+                disk = args.get("disk")
+                with self.jobs.watch(req.subject, args.get("domain", args.get("dom")), req.correlation_id,
+                                     disk=disk if isinstance(disk, str) else None):
+                    result, result_name = dispatcher.call(req.subject, args)
             else:
-                result, result_name = self.dispatcher.call(req.subject, args)
+                result, result_name = dispatcher.call(req.subject, args)
             body, outcome = reply_body(result, result_name), "ok"
         except libvirt.libvirtError as exc:
             err = libvirt_error_data(exc)
             body, outcome = reply_body(error=err), "libvirt"
+        except Unauthorized as exc:
+            body, outcome = reply_body(error=exc), exc.kind
+            log.warning("unauthorized", method=self._label(method), principal=req.principal, reason=str(exc),
+                        correlation_id=str(req.correlation_id))
         except AgentError as exc:
             body, outcome = reply_body(error=exc), exc.kind
         except Exception as exc:  # never let one request take the agent down
             log.exception("internal error", method=method, correlation_id=str(req.correlation_id))
             body, outcome = reply_body(error=Internal(f"{type(exc).__name__}: {exc}")), "internal"
         seconds = time.perf_counter() - start
+        method = self._label(method)
         self.stats.count(method, outcome)
         self.stats.observe(method, outcome, seconds)
         log.info("request", method=method, correlation_id=str(req.correlation_id), outcome=outcome,

@@ -10,6 +10,7 @@ from lxml import etree
 
 MAX_XML_BYTES = 1 << 20
 MAX_XML_DEPTH = 64
+_XINCLUDE = ("{http://www.w3.org/2001/XInclude}", "{http://www.w3.org/2003/XInclude}")  # what would fetch files
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, dtd_validation=False, load_dtd=False,
                           huge_tree=False, remove_pis=False, collect_ids=False)
@@ -41,5 +42,8 @@ def check_xml(text: str, max_bytes: int = MAX_XML_BYTES, max_depth: int = MAX_XM
         if depth > max_depth:
             raise UnsafeXML(f"XML nested deeper than {max_depth} elements")
         stack.extend((child, d + 1) for child in el)
-    if any(isinstance(n, etree._Entity) for n in root.iter()):  # noqa: SLF001 - lxml's entity node type
-        raise UnsafeXML("XML with entity references is refused")
+    for node in root.iter():
+        if isinstance(node, etree._Entity):  # noqa: SLF001 - lxml's entity node type
+            raise UnsafeXML("XML with entity references is refused")
+        if isinstance(node.tag, str) and node.tag.startswith(_XINCLUDE):
+            raise UnsafeXML("XML with XInclude elements is refused")

@@ -26,9 +26,46 @@ def _xml_params(m: Method) -> tuple[Param, ...]:
     return found
 
 
+_C_RANGES = {  # C integer types of arguments -> the values they hold (libvirt-python would wrap or refuse others)
+    "int": (-(1 << 31), (1 << 31) - 1), "unsigned int": (0, (1 << 32) - 1),
+    "long": (-(1 << 63), (1 << 63) - 1), "long long": (-(1 << 63), (1 << 63) - 1),
+    "ssize_t": (-(1 << 63), (1 << 63) - 1),
+    "unsigned long": (0, (1 << 64) - 1), "unsigned long long": (0, (1 << 64) - 1), "size_t": (0, (1 << 64) - 1),
+    "short": (-(1 << 15), (1 << 15) - 1), "unsigned short": (0, (1 << 16) - 1), "unsigned char": (0, 255),
+}
+_INT_PARAMS: dict[str, tuple[tuple[str, str, int, int], ...]] = {}
+
+
+def _int_params(m: Method) -> tuple[tuple[str, str, int, int], ...]:
+    """(name, C type, lowest, highest) of a method's integer, flags and enum arguments."""
+    found = _INT_PARAMS.get(m.name)
+    if found is None:
+        found = _INT_PARAMS[m.name] = tuple(
+            (p.name, p.ctype, *_C_RANGES[p.ctype.strip()]) for p in m.params
+            if p.kind in ("integer", "flags", "enum") and p.ctype.strip() in _C_RANGES)
+    return found
+
+
 def _json_path(exc: fastjsonschema.JsonSchemaValueException) -> str:
     name = exc.name or "data"
     return "$" + name[4:] if name.startswith("data") else name
+
+
+def _unconvertible(args: dict[str, Any]) -> str:
+    """The JSON path of the first argument libvirt-python is likely to refuse (an integer beyond 32
+    bits or negative, a string with a NUL character), else ``$``."""
+    stack: list[tuple[Any, str]] = [(v, f"$.{k}") for k, v in reversed(list(args.items()))]
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, bool):
+            continue
+        if (isinstance(v, int) and not -1 < v < 1 << 31) or (isinstance(v, str) and "\0" in v):
+            return path
+        if isinstance(v, dict):
+            stack.extend((item, f"{path}.{k}") for k, item in reversed(list(v.items())))
+        elif isinstance(v, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in reversed(list(enumerate(v))))
+    return "$"
 
 
 class Dispatcher:
@@ -82,6 +119,10 @@ class Dispatcher:
             self.validator(m)(args)
         except fastjsonschema.JsonSchemaValueException as exc:
             raise InvalidArguments(exc.message.replace("data", "$", 1), _json_path(exc)) from None
+        for name, ctype, lo, hi in _int_params(m):
+            v = args.get(name)
+            if type(v) is int and not lo <= v <= hi:  # not bool; a float the schema let through is integral
+                raise InvalidArguments(f"{v} is out of range for a C {ctype} ({lo}..{hi})", f"$.{name}")
         for p in _xml_params(m):
             if args.get(p.name) is not None:
                 values = args[p.name] if p.kind == "strings" else [args[p.name]]
@@ -113,7 +154,10 @@ class Dispatcher:
         except refs.BadReference as exc:
             raise InvalidArguments(str(exc), exc.path) from None
         fn = m.binding.callable_on(target)
-        value = fn(**kwargs)
+        try:
+            value = fn(**kwargs)
+        except (OverflowError, ValueError) as exc:  # libvirt-python refused a value: too big, NUL in a string...
+            raise InvalidArguments(f"an argument cannot be passed to libvirt: {exc}", _unconvertible(args)) from None
         if value is None and libvirt.virGetLastError() is not None:
             # some wrappers return None on failure instead of raising (migrateGetMaxDowntime)
             raise libvirt.libvirtError(f"{name}() failed")

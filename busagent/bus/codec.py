@@ -159,3 +159,112 @@ def encode_reply(body: bytes, correlation_id: Any, to: str | None = None, subjec
     else:
         props = b"\xd0" + _U32.pack(len(items) + 4) + _U32.pack(count) + items
     return b"\x00\x53\x73" + props + b"\x00\x53\x75" + _str(0xA0, 0xB0, body)
+
+
+_HEAD_SECTIONS = frozenset((0x70, 0x71, 0x72, 0x73, 0x74))  # header, annotations, properties, app-properties
+_FIXED = {0x4: 0, 0x5: 1, 0x6: 2, 0x7: 4, 0x8: 8, 0x9: 16}
+
+
+def skip(buf: bytes, i: int) -> int:
+    """The index just past the AMQP-encoded value at ``buf[i]`` (any type; IndexError when truncated)."""
+    todo = 1  # values still to pass (a described value is two: its descriptor, then itself)
+    while todo:
+        code = buf[i]
+        if code == 0x00:
+            i, todo = i + 1, todo + 1
+            continue
+        width = code >> 4
+        if width in _FIXED:
+            i += 1 + _FIXED[width]
+        elif width in (0xA, 0xC, 0xE):  # one-byte size
+            i += 2 + buf[i + 1]
+        elif width in (0xB, 0xD, 0xF):  # four-byte size
+            i += 5 + _U32.unpack_from(buf, i + 1)[0]
+        else:
+            raise Unsupported(f"type 0x{code:02x}")
+        todo -= 1
+    if i > len(buf):
+        raise IndexError("truncated")
+    return i
+
+
+def head_length(prefix: bytes) -> int:
+    """How many bytes of the start of a message hold its complete leading sections (header,
+    annotations, properties, application properties), which come before the body.
+
+    ``prefix`` may be cut anywhere (the first bytes of an oversized message): the bytes
+    returned decode as a message without its body. 0 when not even the first section is
+    whole; raises Unsupported on a section this reader does not know how to skip."""
+    i, n = 0, len(prefix)
+    while i < n:
+        if prefix[i] != 0x00:
+            raise Unsupported("not a described section")
+        if i + 3 > n:
+            return i
+        if prefix[i + 1] == 0x53:
+            section, start = prefix[i + 2], i + 3
+        elif prefix[i + 1] == 0x80:
+            if i + 10 > n:
+                return i
+            code = _U64.unpack_from(prefix, i + 2)[0]
+            section, start = (code if code < 256 else 0), i + 10
+        else:
+            raise Unsupported("section descriptor")
+        if section not in _HEAD_SECTIONS:
+            return i  # the body starts here
+        try:
+            i = skip(prefix, start)
+        except (IndexError, struct.error):
+            return i  # this section is cut: what precedes it is whole
+    return i
+
+
+_SECTION_NAMES = {b"amqp:header:list": 0x70, b"amqp:delivery-annotations:map": 0x71,
+                  b"amqp:message-annotations:map": 0x72, b"amqp:properties:list": 0x73,
+                  b"amqp:application-properties:map": 0x74, b"amqp:data:binary": 0x75,
+                  b"amqp:amqp-sequence:list": 0x76, b"amqp:amqp-value:*": 0x77, b"amqp:footer:map": 0x78}
+_LISTS, _MAPS, _BINARY = frozenset((0x45, 0xC0, 0xD0)), frozenset((0xC1, 0xD1)), frozenset((0xA0, 0xB0))
+_SECTION_TYPES = {0x70: _LISTS, 0x71: _MAPS, 0x72: _MAPS, 0x73: _LISTS, 0x74: _MAPS, 0x75: _BINARY,
+                  0x76: _LISTS, 0x78: _MAPS}
+
+
+def check_message(buf: bytes) -> None:
+    """Raise Unsupported unless ``buf`` is one well-formed message: known sections, in order,
+    each of its type, every value whole, nothing after the last, and one body (a single data
+    section, amqp-sequence sections or one amqp-value).
+
+    proton's decoder reads garbage leniently (a cut data section as no body, unknown sections
+    and trailing bytes ignored): a request must not run on what is left of it."""
+    i, n, last, data_sections = 0, len(buf), 0, 0
+    try:
+        while i < n:
+            if buf[i] != 0x00:
+                raise Unsupported("not a described section")
+            if buf[i + 1] == 0x53:
+                section, i = buf[i + 2], i + 3
+            elif buf[i + 1] == 0x80:
+                section, i = _U64.unpack_from(buf, i + 2)[0], i + 10
+            elif buf[i + 1] in (0xA3, 0xB3):
+                end = skip(buf, i + 1)
+                section = _SECTION_NAMES.get(bytes(buf[i + 3 if buf[i + 1] == 0xA3 else i + 6:end]), 0)
+                i = end
+            else:
+                raise Unsupported("section descriptor")
+            if not 0x70 <= section <= 0x78:
+                raise Unsupported(f"unknown section 0x{section:x}")
+            body, last_body = 0x75 <= section <= 0x77, 0x75 <= last <= 0x77
+            if (section < last or (section == last and section not in (0x75, 0x76))
+                    or (body and last_body and section != last)):
+                raise Unsupported("sections out of order, repeated, or several bodies")
+            if section == 0x75:
+                data_sections += 1
+                if data_sections > 1:
+                    raise Unsupported("several data sections")
+            kinds = _SECTION_TYPES.get(section)
+            if kinds is not None and buf[i] not in kinds:
+                raise Unsupported(f"section 0x{section:x} of the wrong type")
+            i, last = skip(buf, i), section
+    except (IndexError, struct.error):
+        raise Unsupported("truncated") from None
+    if i != n:
+        raise Unsupported("truncated")

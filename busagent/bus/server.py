@@ -31,19 +31,22 @@ import time
 import uuid
 from collections import OrderedDict
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 from proton import Condition, Connection, Delivery, Endpoint, Message, Terminus, Transport, symbol
 from proton import Link as PnLink
 
-from busagent.api.errors import Internal
+from busagent import credentials
+from busagent.api.errors import AgentError, BadRequest, Internal, TooLarge
 from busagent.api.table import load_table
+from busagent.bus import tls
 from busagent.bus.addressing import Profile, rpc_name
 from busagent.bus.engine import Application, Engine, Link, _redact
-from busagent.bus.envelope import decode_request, encode_reply, reply_body
+from busagent.bus.envelope import decode_head, decode_request, encode_reply, limits, reply_body
 from busagent.bus.topics import Stamper, pattern_regex, presence_name
 from busagent.bus.workers import ReactorWorkers
-from busagent.config import Settings
+from busagent.config import ConfigError, Settings
 from busagent.rpc import Deduplicator, Outcome, RpcService
 
 log = structlog.get_logger("busagent.bus")
@@ -111,6 +114,8 @@ class AgentBus(Application):
         self.published = collections.Counter()
         self._tags = itertools.count()
         self._batch: list[Job] = []
+        self._running: dict[int, Job] = {}  # job number -> Job, while a worker runs its request
+        self._job_numbers = itertools.count()
         self._writes = write_methods(getattr(service.dispatcher, "table", None))
         self.dedup = Deduplicator(settings.dedup_ids, settings.dedup_seconds)
         self._dynamic: dict[str, PnLink] = {}  # direct mode: reply address -> sender link
@@ -137,6 +142,8 @@ class AgentBus(Application):
         self._outbox_pending = False
         self._stopped = False
         self.listening: tuple[str, int] | None = None
+        self._server_mechs = "ANONYMOUS"
+        self.last_broker_error = ""  # why the last broker connection ended (or failed to start)
         self.broker_ready = threading.Event()
 
     @property
@@ -148,13 +155,32 @@ class AgentBus(Application):
     def start(self) -> None:
         """Listen or connect (before ``run``)."""
         if self.settings.mode == "direct":
+            self.engine.ssl_server = tls.server_domain(self.settings)
+            self._server_mechs = tls.server_mechanisms(self.settings)
             host, _, port = self.settings.listen.rpartition(":")
             self.listening = self.engine.listen(host.strip("[]") or "127.0.0.1", int(port))
-            log.info("listening", address=f"{self.listening[0]}:{self.listening[1]}", rpc=self.rpc_address)
+            log.info("listening", address=f"{self.listening[0]}:{self.listening[1]}", rpc=self.rpc_address,
+                     tls=self.engine.ssl_server is not None, sasl=self._server_mechs)
             return
         urls = tuple(self.settings.broker_urls)
+        self._configure_client_security(urls)
         self._broker = self.engine.connect(self._new_connection, urls, self.settings.reconnect_max_delay)
         log.info("connecting", urls=[_redact(u) for u in urls], rpc=self.rpc_address)
+
+    def _configure_client_security(self, urls: tuple[str, ...]) -> None:
+        """Broker mode: TLS for amqps:// URLs, SASL credentials from the file or the environment."""
+        try:
+            creds = credentials.load(self.settings.credentials_file or None)
+        except credentials.CredentialsError as exc:
+            raise ConfigError(str(exc)) from None
+        if creds is not None:
+            self.engine.credentials = (creds.user, creds.password)
+        if any(u.startswith("amqps:") for u in urls):
+            self.engine.ssl_client = tls.client_domain(self.settings)
+            self.engine.client_certificate = bool(self.settings.tls_cert)
+        for url in urls:
+            if url.startswith("amqp:") and (creds is not None or urlsplit(url).password):
+                log.warning("password sent in clear: use amqps:// to protect it", url=_redact(url))
 
     def _new_connection(self) -> Connection:
         """A fresh connection for each attempt (the engine's factory)."""
@@ -195,7 +221,7 @@ class AgentBus(Application):
 
     # -- engine callbacks -----------------------------------------------------------------
     def configure_server_transport(self, transport: Transport, conn: Connection) -> None:
-        transport.sasl().allowed_mechs("ANONYMOUS")
+        transport.sasl().allowed_mechs(self._server_mechs)
         conn.container = f"busagent-{self.host_id}"
         conn.properties = self.properties
 
@@ -211,7 +237,13 @@ class AgentBus(Application):
             if snd.connection == conn:
                 del self._dynamic[address]
         self._subscriptions = [(rx, s) for rx, s in self._subscriptions if s.connection != conn]
-        if not reason.startswith("amqp:connection:forced"):
+        if "principal" not in link.app and self.engine.ssl_server is not None:
+            # never got past TLS and SASL: a refused peer (bad, expired or unknown certificate,
+            # no certificate, or not speaking TLS), counted and logged for the operator
+            why = "connection_tls" if "SSL" in reason else "connection_auth"
+            self.service.stats.reject(why)
+            log.warning("peer refused", reason=reason, rejected=why)
+        elif not reason.startswith("amqp:connection:forced"):
             log.debug("peer disconnected", reason=reason)
 
     def _broker_lost(self, reason: str) -> None:
@@ -222,6 +254,7 @@ class AgentBus(Application):
         if there is one, and settle nothing (``gen``).
         """
         self._gen += 1
+        self.last_broker_error = reason
         self._up = False
         self.broker_ready.clear()
         unsent = [rec[1] for rec in self._unsettled.values() if rec[0] == _PUB]  # in the order sent
@@ -242,6 +275,8 @@ class AgentBus(Application):
         conn = link.connection
         if conn.state & UNINIT:
             conn.open()
+        if link.server and "principal" not in link.app and conn.state & R_ACTIVE:
+            link.app["principal"] = tls.authenticated_principal(link.transport)  # SASL is done by now
         if link is self._broker:
             if not link.app.get("remote_open") and conn.state & R_ACTIVE:
                 link.app["remote_open"] = True
@@ -291,6 +326,14 @@ class AgentBus(Application):
             return
         pattern = source.address or ""
         if pattern.startswith(f"{self.settings.namespace}.") or pattern.startswith("#"):
+            policy = getattr(self.service, "policy", None)
+            if policy is not None:  # direct mode: what is published is for principals with a role
+                try:
+                    policy.role_of(owner.app.get("principal"))
+                except AgentError as exc:
+                    self.service.stats.reject("unauthorized_subscription")
+                    self._refuse(link, str(exc), "amqp:unauthorized-access")
+                    return
             link.source.address = pattern
             link.snd_settle_mode = PnLink.SND_SETTLED
             self._subscriptions.append((pattern_regex(pattern), link))
@@ -298,8 +341,8 @@ class AgentBus(Application):
             return
         self._refuse(link, f"no such source: {pattern!r}")
 
-    def _refuse(self, link: PnLink, why: str) -> None:
-        link.condition = Condition("amqp:not-found", why)
+    def _refuse(self, link: PnLink, why: str, condition: str = "amqp:not-found") -> None:
+        link.condition = Condition(condition, why)
         link.open()
         link.close()
 
@@ -447,18 +490,98 @@ class AgentBus(Application):
                 self.published["not_accepted"] += 1
 
     # -- requests -------------------------------------------------------------------------
+    OVERSIZE_PREFIX = 64 << 10  # bytes kept of a message over max_message_bytes: its properties come first
+    OVERSIZE_HARD_CAP = 1 << 30  # backstop: a message still streaming past this closes its link
+
     def _receive(self, link: PnLink, owner: Link) -> None:
-        """Take every complete message waiting on a receiver (``owner``: its connection)."""
+        """Take every message waiting on a receiver (``owner``: its connection).
+
+        What has come of a message still arriving is read at once into a buffer of ours: proton
+        keeps a settled delivery's buffer at its largest size for reuse within the connection,
+        so letting whole messages pile up there would pin that memory for the connection's life.
+        A message over ``max_message_bytes`` is read and dropped as it streams (only its first
+        bytes are kept), then answered ``too_large``: the link and the requests behind it go on."""
+        limit = self.settings.max_message_bytes
         while True:
             dlv = link.current
             if dlv is None or not dlv.readable:
                 return
-            if dlv.partial:
-                if dlv.pending > self.settings.max_message_bytes:
-                    link.condition = Condition("amqp:link:message-size-exceeded", "message too large")
-                    link.close()
-                return
+            if dlv.aborted:
+                self._aborted(dlv, link, owner)
+                continue
+            streams = owner.app.get("streams")
+            if dlv.partial or dlv.pending > limit or (streams and link.name in streams):
+                if not self._stream(dlv, link, owner):
+                    return
+                continue
             self._delivery(dlv, link, owner)
+
+    def _stream(self, dlv: Delivery, link: PnLink, owner: Link) -> bool:
+        """Read what has come of a message arriving in pieces; once it is all in, serve it (or answer
+        ``too_large``, keeping only its first OVERSIZE_PREFIX bytes past the limit). True when done."""
+        streams = owner.app.setdefault("streams", {})
+        state = streams.get(link.name)
+        if state is None or state[0] != dlv:
+            state = streams[link.name] = [dlv, bytearray(), 0]  # delivery, bytes kept, bytes seen
+        buf, limit = state[1], self.settings.max_message_bytes
+        while chunk := link.recv(1 << 16):
+            state[2] += len(chunk)
+            if state[2] <= limit:
+                buf += chunk
+            elif len(buf) < self.OVERSIZE_PREFIX:
+                buf += chunk[:self.OVERSIZE_PREFIX - len(buf)]
+            elif len(buf) > self.OVERSIZE_PREFIX:
+                del buf[self.OVERSIZE_PREFIX:]
+        if state[2] > self.OVERSIZE_HARD_CAP:
+            del streams[link.name]
+            self.service.stats.reject("too_large")
+            link.condition = Condition("amqp:link:message-size-exceeded",
+                                       f"message over {self.OVERSIZE_HARD_CAP} bytes")
+            link.close()
+            return False
+        if dlv.partial:
+            return False
+        del streams[link.name]
+        link.advance()
+        self._top_up(link)
+        if state[2] <= limit:
+            self._request(dlv, bytes(buf), owner)
+            return True
+        err = TooLarge(f"the message is {state[2]} bytes, over max_message_bytes = {limit}",
+                       limit="max_message_bytes", max=limit)
+        self._refuse_unread(dlv, bytes(buf), owner, err, "too_large")
+        return True
+
+    def _aborted(self, dlv: Delivery, link: PnLink, owner: Link) -> None:
+        """The sender gave up a message midway: drop it (settling it moves the link past it)."""
+        streams = owner.app.get("streams")
+        if streams:
+            streams.pop(link.name, None)
+        self.service.stats.reject("aborted")
+        dlv.settle()
+        self._top_up(link)
+
+    def _top_up(self, link: PnLink) -> None:
+        if link.credit < self.credit // 2:
+            link.flow(self.credit - link.credit)
+
+    def _refuse_unread(self, dlv: Delivery, data: bytes, owner: Link, err: AgentError, reason: str) -> None:
+        """A message refused before it could be read whole (oversized, undecodable; ``data``: what
+        there is of it): counted by ``reason``; answered with ``err`` when its properties give a
+        reply address, else rejected."""
+        self.service.stats.reject(reason)
+        try:
+            request = decode_head(data)
+        except Exception:
+            request = None
+        if request is None or not request.reply_to:
+            dlv.local.condition = Condition("amqp:link:message-size-exceeded" if reason == "too_large"
+                                            else "amqp:decode-error", err.message)
+            dlv.update(Delivery.REJECTED)
+            dlv.settle()
+            return
+        request.principal = self._principal(owner, request)
+        self._reply(Job(dlv, request, self._gen), Outcome(reply_body(error=err), "(unknown)", err.kind, 0.0))
 
     def _principal(self, owner: Link, request: Any) -> str | None:
         """Who sent a request: the connection's authenticated identity (direct mode) or the
@@ -474,21 +597,28 @@ class AgentBus(Application):
         return owner.app.get("principal")
 
     def _delivery(self, dlv: Delivery, link: PnLink, owner: Link) -> None:
+        """A message that arrived whole in one read."""
         data = link.recv(dlv.pending)
         link.advance()
         if link.credit < self.credit // 2:
             link.flow(self.credit - link.credit)
+        self._request(dlv, data, owner)
+
+    def _request(self, dlv: Delivery, data: bytes, owner: Link) -> None:
+        """Decode one request and queue it for the workers (or answer it from the dedup window)."""
         try:
             request = decode_request(data)
-        except Exception:  # undecodable: no reply address to answer
-            self.service.stats.reject("undecodable")
-            dlv.update(Delivery.REJECTED)
-            dlv.settle()
+        except Exception as exc:  # undecodable: answered if its properties still give a reply address
+            self._refuse_unread(dlv, data, owner, BadRequest(f"the message does not decode: {type(exc).__name__}"),
+                                "undecodable")
             return
         request.principal = self._principal(owner, request)
+        request.limits = limits(self.settings.max_json_depth, self.settings.max_arg_bytes)
         job = Job(dlv, request, self._gen)
         if request.message_id is not None and request.subject in self._writes:
-            key = (request.subject, request.message_id)
+            # the principal is part of the key: another peer reusing a message id neither gets
+            # this one's reply nor has its own request answered with it
+            key = (request.principal, request.subject, request.message_id)
             what, body = self.dedup.begin(key, job)
             if what is not Deduplicator.RUN:
                 self.service.stats.reject("duplicate")
@@ -499,17 +629,27 @@ class AgentBus(Application):
         self._batch.append(job)
 
     def _submit_batch(self) -> None:
-        """Hand what one read brought to the workers, a few requests per hand-off."""
+        """Hand what one read brought to the workers, a few requests per hand-off.
+
+        Workers get (job number, request) only: the Job, which holds a proton delivery, stays
+        here. A worker thread holding the last reference to a proton wrapper would free it
+        there (pn_decref), racing the reactor's use of the same connection."""
         jobs, self._batch = self._batch, []
-        per = max(1, min(BATCH, -(-len(jobs) // self.settings.workers)))
-        for i in range(0, len(jobs), per):
-            self.workers.submit_many(self._handle, jobs[i:i + per])
+        items = []
+        for job in jobs:
+            number = next(self._job_numbers)
+            self._running[number] = job
+            items.append((number, job.request))
+        per = max(1, min(BATCH, -(-len(items) // self.settings.workers)))
+        for i in range(0, len(items), per):
+            self.workers.submit_many(self._handle, items[i:i + per])
 
-    def _handle(self, job: Job) -> Outcome:
-        return self.service.handle(job.request)  # on a worker thread: never touches job.delivery
+    def _handle(self, item: tuple[int, Any]) -> Outcome:
+        return self.service.handle(item[1])  # on a worker thread: plain data only
 
-    def _on_results(self, results: list[tuple[Job, Any]]) -> None:
-        for job, outcome in results:
+    def _on_results(self, results: list[tuple[tuple[int, Any], Any]]) -> None:
+        for (number, _request), outcome in results:
+            job = self._running.pop(number)
             if not isinstance(outcome, Outcome):  # a bug escaped RpcService: still answer
                 outcome = Outcome(reply_body(error=Internal(f"{outcome!r}")), "(unknown)", "internal", 0.0)
             self._reply(job, outcome)
@@ -543,11 +683,16 @@ class AgentBus(Application):
         self._accept(job)
 
     def _accept(self, job: Job) -> None:
-        """Settle a request (accepted), unless it came on a broker connection since lost."""
+        """Settle a request (accepted), unless it came on a broker connection since lost.
+
+        A request the peer sent pre-settled (``dlv.settled``: settled at the remote end) is
+        settled here too: until both ends have, proton keeps the delivery and its buffer."""
         dlv = job.delivery
-        if job.gen == self._gen and not dlv.settled and dlv.link.state & ACTIVE:
+        if job.gen != self._gen:
+            return
+        if not dlv.settled and dlv.link.state & ACTIVE:
             dlv.update(Delivery.ACCEPTED)
-            dlv.settle()
+        dlv.settle()
 
     def _send(self, sender: PnLink, data: bytes) -> None:
         """Send pre-settled (direct mode)."""
