@@ -45,10 +45,13 @@ def asyncapi(table: MethodTable) -> dict[str, Any]:
                   "one libvirt event callback: kind e.g. domain.lifecycle; `object` is the reference, `data` "
                   "the callback's payload by name with constant names beside enum numbers; agent.hypervisor_lost"
                   " / agent.hypervisor_connected mark hypervisor loss and return; domain.job_progress carries "
-                  "virDomainGetJobStats sampled while a long operation (save, dump, migration) runs",
+                  "virDomainGetJobStats sampled while a long operation (save, dump, migration) runs; "
+                  "domain.block_job_progress carries virDomainGetBlockJobInfo (cur/end) polled after a block job "
+                  "call (pull, copy, commit, rebase) until the job is gone or ready",
                   {"object": {"type": "object"}, "data": {"type": "object"}},
                   sorted(e.kind for e in load_events()) + [
-                      "agent.hypervisor_lost", "agent.hypervisor_connected", "domain.job_progress"]),
+                      "agent.hypervisor_lost", "agent.hypervisor_connected", "domain.job_progress",
+                      "domain.block_job_progress"]),
         "object": ("{namespace}.object.{host}.{kind}",
                    "property snapshot of one object on change (`object` or `removed`+`ref`), or of every object "
                    "of a kind (`snapshot`: true, `objects`), periodically and after a reconnect",

@@ -32,6 +32,7 @@ from realkit import (
     Console,
     Mirror,
     Recorder,
+    SecondHypervisor,
     qemu_guest_xml,
     realhv_env,
     required,
@@ -197,3 +198,18 @@ def alpha(hv) -> dict[str, str]:
     """alpha, running and ready: its reference."""
     hv.alpha_ready()
     return {"name": ALPHA}
+
+
+@pytest.fixture(scope="session")
+def realhv2(realenv) -> dict[str, Any]:
+    """A second real libvirtd (its own scripts/realhv, another host UUID): a migration destination."""
+    second = SecondHypervisor()
+    env, why = second.start()
+    try:
+        if env is None:
+            if required():
+                pytest.fail(why, pytrace=False)
+            pytest.skip(why)
+        yield env
+    finally:
+        second.stop()

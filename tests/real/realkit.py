@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import os
 import queue
+import subprocess
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -346,3 +349,31 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float = 30.0, every
             return last
         time.sleep(every)
     raise AssertionError(f"{what}: not within {timeout} s (last: {last!r})")
+
+
+# -- calls and a second hypervisor ---------------------------------------------------------------
+def call_with_id(client: Any, method: str, timeout: float = 120.0, **args: Any) -> tuple[Any, str]:
+    """The result of a bus call and its message id (the ``correlation_id`` of the job progress
+    messages the agent publishes about it)."""
+    msg_id = client.new_message_id()
+    return client.call_async(method, args, message_id=msg_id).result(timeout), str(msg_id)
+
+
+class SecondHypervisor:
+    """Another scripts/realhv (a directory, namespaces and libvirtd of its own) with a host UUID of its
+    own, so libvirt accepts it as a migration destination: ``start()`` -> its env.json, ``stop()``."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="bvr2.", dir="/tmp"))  # short: it holds the socket
+
+    def start(self) -> tuple[dict[str, Any] | None, str]:
+        env = {**os.environ, "BUSAGENT_REALHV_HOST_UUID": str(uuid.uuid4())}
+        proc = subprocess.run([str(REPO / "scripts" / "realhv"), "start", str(self.dir)], capture_output=True,
+                              text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            return None, f"a second scripts/realhv did not start: {proc.stderr.strip()[-600:]}"
+        return json.loads((self.dir / "env.json").read_text()), ""
+
+    def stop(self) -> None:
+        subprocess.run([str(REPO / "scripts" / "realhv"), "stop", str(self.dir)], capture_output=True, timeout=120,
+                       stdin=subprocess.DEVNULL)
