@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from busagent.agent import Agent
 from busagent.client import CallError, Client
 from busagent.client.errors import ConnectionFailed
+from busagent.client.subscribe import Subscription
 from busagent.config import ConfigError, Settings
 from busagent.testing import RunningAgent
 
@@ -164,6 +166,27 @@ def test_principal_drives_authorization(pki):
             assert info["state"] in (1, 3)
 
 
+def test_subscriptions_need_a_role(pki):
+    """What the agent publishes is for principals with a role too (direct mode)."""
+    security = {"roles": {"monitor": {"access": "read"}, "admin": {"access": "write"}},
+                "principals": {READER: "monitor", WRITER: "admin"}}
+    with RunningAgent(tls_settings(pki, tls_client_auth="required", security=security), with_stats=False) as running:
+        with Subscription(url(running, pki, "client-nobody"), ["libvirt.event.#"]) as refused_sub:
+            with pytest.raises(ConnectionFailed, match="may not"):
+                refused_sub.get(timeout=10)
+        assert running.stats.rejected["unauthorized_subscription"] == 1
+        with Subscription(url(running, pki, "client-reader"), ["libvirt.event.#"]) as sub:
+            assert sub.ready.wait(10)
+            with Client(url(running, pki, "client-writer"), timeout=10) as writer:
+                writer.call("virDomainSuspend", domain={"name": "test"})
+                writer.call("virDomainResume", domain={"name": "test"})
+            deadline = time.monotonic() + 10
+            kinds = set()
+            while "domain.lifecycle" not in kinds and time.monotonic() < deadline:
+                kinds.add(sub.get(timeout=10).get("kind"))
+            assert "domain.lifecycle" in kinds
+
+
 # -- broker mode: the agent as a TLS client of RabbitMQ -----------------------------------------
 
 @pytest.fixture(scope="module")
@@ -263,7 +286,6 @@ def test_credentials_file_readable_by_others_is_refused(tls_broker, pki, tmp_pat
 
 
 def _eventually(check, seconds: float = 5.0) -> bool:
-    import time
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if check():
