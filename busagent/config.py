@@ -31,6 +31,7 @@ class Settings:
     presence_interval: float = 5.0  # heartbeat period; the heartbeat lives 3 periods
     snapshot_interval: float = 60.0  # periodic full object snapshot
     sample_interval: float = 10.0  # statistics sampler period
+    stats_groups: tuple[str, ...] = ()  # domain statistics groups to sample (virsh domstats names); () = all
     job_interval: float = 0.5  # job progress sampling while a long domain operation runs
     metrics_listen: str = "127.0.0.1:9177"  # Prometheus endpoint ('' turns it off)
     dedup_ids: int = 10_000  # write requests remembered by message id (a redelivery gets the first reply)
@@ -74,6 +75,12 @@ class Settings:
             raise ConfigError("verifying client certificates needs tls_ca")
         if self.max_json_depth < 2 or self.max_arg_bytes < 1024:
             raise ConfigError("max_json_depth must be >= 2 and max_arg_bytes >= 1024")
+        if self.stats_groups:
+            from busagent.sampler import stats_flags  # libvirt's own list of groups
+            try:
+                stats_flags(self.stats_groups)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if not self.namespace or any(c in self.namespace for c in "/ #*"):
             raise ConfigError("namespace must be a plain word")
         return self
@@ -85,6 +92,7 @@ _FILE_KEYS = {  # TOML section.key -> Settings field
     "agent.workers": "workers", "bus.credit": "credit", "limits.max_message_bytes": "max_message_bytes",
     "log.level": "log_level", "agent.presence_interval": "presence_interval",
     "agent.snapshot_interval": "snapshot_interval", "stats.interval": "sample_interval",
+    "stats.groups": "stats_groups",
     "agent.job_interval": "job_interval",
     "metrics.listen": "metrics_listen", "agent.dedup_ids": "dedup_ids", "agent.dedup_seconds": "dedup_seconds",
     "bus.publish_buffer": "publish_buffer", "bus.reconnect_max_delay": "reconnect_max_delay",

@@ -119,6 +119,24 @@ class SamplerCounters:
     last_duration: float = 0.0
 
 
+def stats_groups() -> dict[str, int]:
+    """libvirt's domain statistics groups by the name ``virsh domstats`` gives them (``cpu-total``,
+    ``balloon``, ...) -> their VIR_DOMAIN_STATS_* flag, from the binding's constants."""
+    return {name[len("VIR_DOMAIN_STATS_"):].lower().replace("_", "-"): getattr(libvirt, name)
+            for name in dir(libvirt) if name.startswith("VIR_DOMAIN_STATS_")}
+
+
+def stats_flags(groups: Iterable[str]) -> int:
+    """The ``stats`` argument of virConnectGetAllDomainStats for ``groups`` (none: 0 = every group
+    the driver has). Raises ValueError naming an unknown group."""
+    known, flags = stats_groups(), 0
+    for group in groups:
+        if group not in known:
+            raise ValueError(f"unknown statistics group {group!r}: the groups are {', '.join(sorted(known))}")
+        flags |= known[group]
+    return flags
+
+
 class Sampler:
     """Samples the hypervisor every ``interval`` seconds on one thread.
 
@@ -128,8 +146,10 @@ class Sampler:
 
     def __init__(self, get_conn: Callable[[], Any], interval: float,
                  on_sample: Callable[[Sample], None] | None = None, call_timeout: float | None = None,
-                 domain_timeout: float | None = None, concurrency: int = FALLBACK_CONCURRENCY) -> None:
+                 domain_timeout: float | None = None, concurrency: int = FALLBACK_CONCURRENCY,
+                 stats: int = 0) -> None:
         self.get_conn = get_conn
+        self.stats = stats  # VIR_DOMAIN_STATS_* groups asked for (0: every group the driver has)
         self.interval = interval
         self.on_sample = on_sample
         self.call_timeout = call_timeout if call_timeout is not None else max(0.5, min(5.0, interval / 2))
@@ -268,16 +288,16 @@ class Sampler:
         """``virConnectGetAllDomainStats`` for every domain; learns once whether NOWAIT is accepted."""
         if self._nowait is not False:
             try:
-                result = conn.getAllDomainStats(0, NOWAIT)
+                result = conn.getAllDomainStats(self.stats, NOWAIT)
             except libvirt.libvirtError as exc:
                 if self._nowait is None and exc.get_error_code() in _UNSUPPORTED:
                     self._nowait = False
                     log.info("the driver refuses NOWAIT: bulk statistics without it", error=str(exc))
-                    return conn.getAllDomainStats(0, 0)
+                    return conn.getAllDomainStats(self.stats, 0)
                 raise
             self._nowait = True
             return result
-        return conn.getAllDomainStats(0, 0)
+        return conn.getAllDomainStats(self.stats, 0)
 
     def _domains(self, conn: Any, previous: Sample | None, wall: float, errors: dict[str, str],
                  started: float) -> tuple[tuple[DomainStats, ...], frozenset[str], str]:
@@ -320,7 +340,7 @@ class Sampler:
         while pending or running:
             while pending and len(running) < self.concurrency and time.monotonic() < budget_end:
                 dom, uuid = pending.popleft()
-                running[uuid] = _Call(lambda d=dom: conn.domainListGetStats([d], 0, flags), cond)
+                running[uuid] = _Call(lambda d=dom: conn.domainListGetStats([d], self.stats, flags), cond)
             if pending and time.monotonic() >= budget_end:
                 stale.update(uuid for _, uuid in pending)  # out of time for this tick
                 pending.clear()

@@ -11,7 +11,7 @@ import structlog
 
 from busagent.bus.topics import stats_name
 from busagent.metrics import MetricsServer, StatsCollector, make_registry
-from busagent.sampler import HypervisorUnavailable, Sample, Sampler, batches
+from busagent.sampler import HypervisorUnavailable, Sample, Sampler, batches, stats_flags
 
 log = structlog.get_logger("busagent.stats")
 
@@ -54,6 +54,7 @@ def attach_stats(agent: Any, start: bool = True, **sampler_options: Any) -> Stat
             collector.sample_text()
 
     server = None
+    sampler_options.setdefault("stats", stats_flags(settings.stats_groups))
     sampler = Sampler(connection, settings.sample_interval, on_sample=publish, **sampler_options)
     collector = StatsCollector(
         sampler=sampler, rpc_stats=bus.service.stats if bus is not None else None,

@@ -21,7 +21,7 @@ import libvirt
 from prometheus_client.parser import text_string_to_metric_families
 from realkit import ALPHA, REPO, qemu_guest_xml, wait_until
 
-from busagent.sampler import NOWAIT
+from busagent.sampler import NOWAIT, Sampler, stats_flags
 
 FIXTURE = REPO / "tests" / "fixtures" / "real-domstats-qemu.json"
 MIB = 1 << 20
@@ -81,6 +81,20 @@ def test_domain_stats_on_the_bus(hv, alpha):
     assert stats["net.count"] == 2
     assert stats["block.count"] == 2  # vda and the cdrom hdc
     assert by_name(stats, "block", "vda")["capacity"] == 64 * MIB
+
+
+def test_chosen_groups_only(hv, alpha):
+    """``stats.groups`` reaches libvirt: a sampler asking for two groups gets those and no others."""
+    wait_until("alpha sampled", lambda: len(alpha_samples(hv)) >= 1, timeout=30)
+    conn = libvirt.open(hv.env["qemu_uri"])
+    try:
+        sampler = Sampler(lambda: conn, 1.0, stats=stats_flags(("cpu-total", "balloon")))
+        sample = sampler.sample_once()
+    finally:
+        conn.close()
+    [stats] = [d.stats for d in sample.domains if d.name == ALPHA]
+    assert {k.split(".", 1)[0] for k in stats} == {"cpu", "balloon"}, sorted(stats)
+    assert stats["cpu.time"] > 0 and stats["balloon.current"] > 0
 
 
 def test_counters_move_at_boot_and_after_dhcp(hv, alpha):

@@ -70,3 +70,4 @@ def test_tls_options_ride_on_the_url():
 ])
 def test_libvirt_messages_have_secret_attributes_masked(text, masked):
     assert mask_secrets(text) == masked
+
