@@ -96,7 +96,7 @@ class Agent:
     """``busagent run`` in its own process, direct mode on a free port, /metrics on another."""
 
     def __init__(self, uri: str, tmp: Path, tag: str, interval: float | None = None,
-                 log_level: str | None = None) -> None:
+                 log_level: str | None = None, env_extra: dict[str, str] | None = None) -> None:
         self.port, self.metrics_port = free_port(), free_port()
         self.url = f"amqp://127.0.0.1:{self.port}"
         self.log = tmp / f"agent-{tag}.log"
@@ -107,7 +107,8 @@ class Agent:
         env["BUSAGENT_METRICS_LISTEN"] = f"127.0.0.1:{self.metrics_port}"
         if interval is not None:
             env["BUSAGENT_SAMPLE_INTERVAL"] = str(interval)
-        self.command = " ".join(["busagent"] + cmd[1:])
+        env.update(env_extra or {})
+        self.command = " ".join([*(f"{k}={v}" for k, v in (env_extra or {}).items()), "busagent", *cmd[1:]])
         with open(self.log, "wb") as logf:
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          cwd=ROOT, env=env)

@@ -154,7 +154,8 @@ def bench_sampling(ns: argparse.Namespace, budget: Budget, tmp: Path, uri: str) 
         res["skipped"] = f"time budget ({budget.elapsed:.0f} s used)"
         return res
     log(f"sampling: agent, sampling every 1 s; {ns.ticks} ticks, a /metrics scrape after each")
-    agent = Agent(uri, tmp, "sampling", interval=1.0, log_level=ns.agent_log_level)
+    groups = {"BUSAGENT_STATS_GROUPS": ns.stats_groups} if ns.stats_groups else None
+    agent = Agent(uri, tmp, "sampling", interval=1.0, log_level=ns.agent_log_level, env_extra=groups)
     res["agent"] = agent.command
     sub = None
     try:
@@ -528,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-pipelined", type=int, default=2000)
     p.add_argument("--threads", type=int, default=8)
     p.add_argument("--agent-log-level", help="pass --log-level to the agents (default: the agent's own, info)")
+    p.add_argument("--stats-groups", help="the sampling agent's [stats] groups, e.g. state,cpu-total,balloon,vcpu,"
+                                          "interface,block (default: every group)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (agent logs) and the hypervisor")
     p.add_argument("--quick", action="store_true", help="3 guests, 50 events, 3 ticks, a tenth of the calls")
     ns = p.parse_args(argv)
