@@ -12,6 +12,7 @@ import structlog
 from busagent.api.dispatch import Dispatcher
 from busagent.authz import Policy
 from busagent.bus.addressing import profile as get_profile
+from busagent.bus.envelope import Limits
 from busagent.bus.server import AgentBus
 from busagent.bus.topics import event_name
 from busagent.config import Settings
@@ -38,7 +39,7 @@ class Agent:
         self.policy = Policy.from_config(settings.security) if settings.security else Policy.open()
         # read-only roles' calls go through a read-only connection, so libvirt refuses writes too
         self.readonly_hypervisor = (HypervisorConnection(settings.uri, readonly=True)
-                                    if self.policy.enabled and self.policy.needs_readonly else None)
+                                    if self.policy.needs_readonly else None)
         self.host_id = ""
         self.bus: AgentBus | None = None
         self.ready = threading.Event()
@@ -52,7 +53,8 @@ class Agent:
         readonly_dispatcher = self._open_readonly(dispatcher)
         service = RpcService(dispatcher, jobs=JobWatcher(self.hypervisor.get, self.publish_event,
                                                                  self.settings.job_interval),
-                             policy=self.policy, readonly_dispatcher=readonly_dispatcher)
+                             policy=self.policy, readonly_dispatcher=readonly_dispatcher,
+                             limits=Limits(self.settings.max_json_depth, self.settings.max_arg_bytes))
         log.info("authorization", uri=self.settings.uri, **self.policy.describe())
         self.bus = AgentBus(self.settings, get_profile(self.settings.profile), self.host_id, service)
         self.bus.start()

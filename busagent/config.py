@@ -124,20 +124,26 @@ def _coerce(name: str, value: Any) -> Any:
     return str(value)
 
 
+def file_values(path: str, keys: dict[str, str], tables: dict[str, str] | None = None) -> dict[str, Any]:
+    """The raw values a TOML file gives, by field name (``keys``: ``"section.key"`` -> field;
+    ``tables``: a whole table -> field)."""
+    with open(path, "rb") as f:
+        doc = tomllib.load(f)
+    values: dict[str, Any] = {}
+    for dotted, name in keys.items():
+        section, key = dotted.split(".")
+        if key in doc.get(section, {}):
+            values[name] = doc[section][key]
+    values.update({name: doc[table] for table, name in (tables or {}).items() if table in doc})
+    return values
+
+
 def load(path: str | None = None, env: dict[str, str] | None = None, **flags: Any) -> Settings:
     """Build validated settings from a TOML file, the environment and flags."""
     values: dict[str, Any] = {}
     path = path or (env or os.environ).get("BUSAGENT_CONFIG")
     if path:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-        for dotted, name in _FILE_KEYS.items():
-            section, key = dotted.split(".")
-            if key in doc.get(section, {}):
-                values[name] = _coerce(name, doc[section][key])
-        for table, name in _TABLES.items():
-            if table in doc:
-                values[name] = _coerce(name, doc[table])
+        values = {name: _coerce(name, raw) for name, raw in file_values(path, _FILE_KEYS, _TABLES).items()}
     for f in fields(Settings):
         raw = (env if env is not None else os.environ).get(f"BUSAGENT_{f.name.upper()}")
         if raw is not None and f.name not in ("extra", *_TABLES.values()):

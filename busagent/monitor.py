@@ -29,7 +29,6 @@ import queue
 import signal
 import threading
 import time
-import tomllib
 from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, fields, replace
@@ -41,7 +40,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from busagent.client.errors import ConnectionFailed
 from busagent.client.view import FleetView, is_object_topic
-from busagent.config import PROFILES, ConfigError
+from busagent.config import PROFILES, ConfigError, file_values
 from busagent.metrics import Families, add_stats_messages
 
 log = structlog.get_logger("busagent.monitor")
@@ -91,15 +90,10 @@ def load_settings(path: str | None = None, **flags: Any) -> MonitorSettings:
     kinds = {f.name: f.type for f in fields(MonitorSettings)}
     values: dict[str, Any] = {}
     if path:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-        for dotted, name in _FILE_KEYS.items():
-            section, key = dotted.split(".")
-            if key in doc.get(section, {}):
-                raw = doc[section][key]
-                if isinstance(raw, list):
-                    raw = raw[0] if raw else ""
-                values[name] = float(raw) if kinds[name] == "float" else str(raw)
+        for name, raw in file_values(path, _FILE_KEYS).items():
+            if isinstance(raw, list):
+                raw = raw[0] if raw else ""
+            values[name] = float(raw) if kinds[name] == "float" else str(raw)
     values.update({k: v for k, v in flags.items() if v is not None})
     return replace(MonitorSettings(), **values).validate()
 

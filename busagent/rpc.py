@@ -16,10 +16,10 @@ from typing import Any
 import libvirt
 import structlog
 
-from busagent.api.dispatch import Dispatcher
+from busagent.api.dispatch import AGENT_METHODS, Dispatcher
 from busagent.api.errors import AgentError, BadRequest, Expired, Internal
 from busagent.authz import Policy, Unauthorized
-from busagent.bus.envelope import Request, expired, parse_args, reply_body
+from busagent.bus.envelope import DEFAULT_LIMITS, Limits, Request, expired, parse_args, reply_body
 from busagent.jobs import JOB_METHODS, JobWatcher
 from busagent.virt.errors import libvirt_error_data
 
@@ -66,9 +66,6 @@ class RpcStats:
             self.rejected[reason] += 1
 
 
-AGENT_METHODS = frozenset({"busagentListMethods", "busagentPing", "busagentResync"})  # reads
-
-
 class RpcService:
     """Serves method calls through a Dispatcher.
 
@@ -84,8 +81,10 @@ class RpcService:
     """
 
     def __init__(self, dispatcher: Dispatcher, stats: RpcStats | None = None, jobs: JobWatcher | None = None,
-                 policy: Policy | None = None, readonly_dispatcher: Dispatcher | None = None) -> None:
+                 policy: Policy | None = None, readonly_dispatcher: Dispatcher | None = None,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         self.dispatcher = dispatcher
+        self.limits = limits  # what one request's arguments may carry (depth, string size)
         self.stats = stats or RpcStats()
         self.jobs = jobs  # publishes job progress while long domain operations run
         self.policy = policy if policy is not None and policy.enabled else None  # None: no authorization
@@ -126,7 +125,7 @@ class RpcService:
             if not isinstance(req.subject, str) or not req.subject:
                 raise BadRequest("the subject must name a libvirt C function")
             dispatcher = self.authorize(req)
-            args = parse_args(req)
+            args = parse_args(req, self.limits)
             if self.jobs is not None and req.subject in JOB_METHODS and isinstance(args, dict):
                 disk = args.get("disk")
                 with self.jobs.watch(req.subject, args.get("domain", args.get("dom")), req.correlation_id,

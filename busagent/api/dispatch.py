@@ -16,6 +16,7 @@ from busagent.api.table import Method, MethodTable, Param, load_table
 from busagent.xmlsafe import UnsafeXML, check_xml
 
 _XML_PARAMS: dict[str, tuple[Param, ...]] = {}
+AGENT_METHODS = frozenset({"busagentListMethods", "busagentPing", "busagentResync"})  # the agent's own: reads
 
 
 def _xml_params(m: Method) -> tuple[Param, ...]:

@@ -1,7 +1,6 @@
 """AMQP messages <-> requests and replies (pure: no I/O, no proton endpoints)."""
 from __future__ import annotations
 
-import functools
 import json
 import re
 import struct
@@ -29,12 +28,6 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-@functools.lru_cache(maxsize=8)
-def limits(max_json_depth: int, max_arg_bytes: int) -> Limits:
-    """The (shared) Limits of these values: ``limits(s.max_json_depth, s.max_arg_bytes)``."""
-    return Limits(max_json_depth, max_arg_bytes)
-
-
 @dataclass
 class Request:
     """One decoded method call."""
@@ -48,7 +41,6 @@ class Request:
     user_id: bytes | None
     message_id: Any = None  # the key of write-request deduplication
     principal: str | None = None  # who sent it, as the transport proved it (None: unauthenticated)
-    limits: Limits = DEFAULT_LIMITS  # the agent's (set where the request is taken in)
 
 
 def _str_or_none(value: Any) -> bool:
@@ -107,9 +99,8 @@ def _decode_with_proton(data: bytes) -> Request:
     return Request(msg.subject, body, msg.reply_to, cid, ctype, deadline, msg.user_id, msg.id)
 
 
-def parse_args(req: Request, lim: Limits | None = None) -> Any:
-    """The request's arguments as JSON data (raises BadRequest, or TooLarge over a limit of
-    ``lim``, by default the request's own ``limits``)."""
+def parse_args(req: Request, lim: Limits = DEFAULT_LIMITS) -> Any:
+    """The request's arguments as JSON data (raises BadRequest, or TooLarge over a limit of ``lim``)."""
     if req.content_type not in (None, CONTENT_TYPE):
         raise BadRequest(f"content-type must be {CONTENT_TYPE}, not {req.content_type!r}")
     body = req.body
@@ -127,7 +118,6 @@ def parse_args(req: Request, lim: Limits | None = None) -> Any:
         raise BadRequest("the body must be a UTF-8 JSON text (data or string section)")
     if not body:
         return {}
-    lim = lim or req.limits
     check_depth(body, lim.max_json_depth)
     try:
         args = json.loads(body)

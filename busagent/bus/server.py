@@ -43,7 +43,7 @@ from busagent.api.table import load_table
 from busagent.bus import tls
 from busagent.bus.addressing import Profile, rpc_name
 from busagent.bus.engine import Application, Engine, Link, _redact
-from busagent.bus.envelope import decode_head, decode_request, encode_reply, limits, reply_body
+from busagent.bus.envelope import decode_head, decode_request, encode_reply, reply_body
 from busagent.bus.topics import Stamper, pattern_regex, presence_name
 from busagent.bus.workers import ReactorWorkers
 from busagent.config import ConfigError, Settings
@@ -326,7 +326,7 @@ class AgentBus(Application):
             return
         pattern = source.address or ""
         if pattern.startswith(f"{self.settings.namespace}.") or pattern.startswith("#"):
-            policy = getattr(self.service, "policy", None)
+            policy = self.service.policy
             if policy is not None:  # direct mode: what is published is for principals with a role
                 try:
                     policy.role_of(owner.app.get("principal"))
@@ -600,8 +600,7 @@ class AgentBus(Application):
         """A message that arrived whole in one read."""
         data = link.recv(dlv.pending)
         link.advance()
-        if link.credit < self.credit // 2:
-            link.flow(self.credit - link.credit)
+        self._top_up(link)
         self._request(dlv, data, owner)
 
     def _request(self, dlv: Delivery, data: bytes, owner: Link) -> None:
@@ -613,7 +612,6 @@ class AgentBus(Application):
                                 "undecodable")
             return
         request.principal = self._principal(owner, request)
-        request.limits = limits(self.settings.max_json_depth, self.settings.max_arg_bytes)
         job = Job(dlv, request, self._gen)
         if request.message_id is not None and request.subject in self._writes:
             # the principal is part of the key: another peer reusing a message id neither gets

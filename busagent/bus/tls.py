@@ -56,23 +56,29 @@ def server_domain(settings: Settings) -> SSLDomain | None:
     return domain
 
 
-def client_domain(settings: Settings) -> SSLDomain:
-    """The TLS set-up for ``amqps://`` broker URLs: verify the broker (and its name), present
-    our certificate when one is configured."""
+def make_client_domain(ca: str | None, cert: str | None, key: str | None, verify_hostname: bool) -> SSLDomain:
+    """A client's TLS set-up (the agent towards a broker, the client library towards either):
+    verify the peer against ``ca`` (and its host name), present ``cert``/``key`` when given."""
     domain = SSLDomain(SSLDomain.MODE_CLIENT)
+    if ca:
+        domain.set_trusted_ca_db(ca)
+    domain.set_peer_authentication(SSLDomain.VERIFY_PEER_NAME if verify_hostname else SSLDomain.VERIFY_PEER)
+    if cert:
+        domain.set_credentials(cert, key or cert, None)
+    return domain
+
+
+def client_domain(settings: Settings) -> SSLDomain:
+    """The agent's TLS set-up for ``amqps://`` broker URLs, its files checked first."""
+    if settings.tls_ca:
+        _readable(settings.tls_ca, "TLS CA bundle")
+    if settings.tls_cert:
+        _readable(settings.tls_cert, "TLS certificate")
+        check_key_file(settings.tls_key)
     try:
-        if settings.tls_ca:
-            _readable(settings.tls_ca, "TLS CA bundle")
-            domain.set_trusted_ca_db(settings.tls_ca)
-        domain.set_peer_authentication(
-            SSLDomain.VERIFY_PEER_NAME if settings.tls_verify_hostname else SSLDomain.VERIFY_PEER)
-        if settings.tls_cert:
-            _readable(settings.tls_cert, "TLS certificate")
-            check_key_file(settings.tls_key)
-            domain.set_credentials(settings.tls_cert, settings.tls_key, None)
+        return make_client_domain(settings.tls_ca, settings.tls_cert, settings.tls_key, settings.tls_verify_hostname)
     except SSLException as exc:
         raise ConfigError(f"TLS set-up failed ({exc}): check tls_ca, tls_cert and tls_key") from None
-    return domain
 
 
 def server_mechanisms(settings: Settings) -> str:

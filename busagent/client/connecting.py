@@ -19,6 +19,8 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from proton import SSLDomain
 
+from busagent.bus.tls import client_mechanisms, make_client_domain
+
 RECONNECT_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0)  # then 2.0 s each
 TLS_OPTIONS = ("ca", "cert", "key", "verify_hostname")
 
@@ -43,14 +45,8 @@ def split_tls(url: str) -> tuple[str, dict[str, str]]:
 
 def ssl_domain(options: dict[str, str]) -> SSLDomain:
     """A client SSL domain from the URL's TLS options."""
-    domain = SSLDomain(SSLDomain.MODE_CLIENT)
-    if options.get("ca"):
-        domain.set_trusted_ca_db(options["ca"])
     verify_name = options.get("verify_hostname", "1").lower() not in ("0", "false", "no")
-    domain.set_peer_authentication(SSLDomain.VERIFY_PEER_NAME if verify_name else SSLDomain.VERIFY_PEER)
-    if options.get("cert"):
-        domain.set_credentials(options["cert"], options.get("key") or options["cert"], None)
-    return domain
+    return make_client_domain(options.get("ca"), options.get("cert"), options.get("key"), verify_name)
 
 
 def connect(container: Any, url: str, handler: Any, user: str | None = None, password: str | None = None) -> Any:
@@ -66,8 +62,7 @@ def connect(container: Any, url: str, handler: Any, user: str | None = None, pas
         raise ValueError("TLS options need an amqps:// URL")
     if user:
         kwargs.update(user=user, password=password)
-    if user or urlsplit(url).username:
-        kwargs.update(allowed_mechs="PLAIN", allow_insecure_mechs=not secure)
-    elif secure and options.get("cert"):
-        kwargs.update(allowed_mechs="EXTERNAL")
+    kwargs["allowed_mechs"] = client_mechanisms(user or urlsplit(url).username, secure and bool(options.get("cert")))
+    if kwargs["allowed_mechs"] == "PLAIN":
+        kwargs["allow_insecure_mechs"] = not secure
     return container.connect(url, **kwargs)

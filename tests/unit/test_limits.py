@@ -17,7 +17,6 @@ from busagent.bus.envelope import (
     decode_request,
     encode_reply,
     json_depth,
-    limits,
     parse_args,
 )
 
@@ -74,11 +73,17 @@ def test_parse_args_string_limit():
     with pytest.raises(TooLarge) as exc:
         parse_args(req(body), Limits(max_json_depth=32, max_arg_bytes=4096))
     assert exc.value.details["path"] == "$.xml"
-    r = req(body)
-    r.limits = limits(32, 4096)  # what the agent sets from its settings on each request
-    with pytest.raises(TooLarge):
-        parse_args(r)
-    assert limits(32, 4096) is limits(32, 4096)
+
+
+def test_the_service_applies_its_limits():
+    """The agent's settings reach parse_args through RpcService (agent.py builds it with them)."""
+    from busagent.api.dispatch import Dispatcher
+    from busagent.rpc import RpcService
+
+    body = json.dumps({"xml": "x" * 5000}).encode()
+    loose, strict = RpcService(Dispatcher(lambda: None)), RpcService(Dispatcher(lambda: None), limits=Limits(32, 4096))
+    assert strict.handle(req(body)).outcome == "too_large"
+    assert loose.handle(req(body)).outcome != "too_large"
 
 
 @pytest.mark.parametrize("body", [b"\xff\xfe{\x00}\x00", b'{"a": "\xff"}', b"\xc3\x28"])
