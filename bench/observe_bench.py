@@ -211,22 +211,51 @@ def bench_sampling(ns: argparse.Namespace, budget: Budget, tmp: Path, n: int, dr
     agent = Agent(uri, tmp, f"{driver}-{n}", interval=interval, log_level=ns.agent_log_level)
     res["agent"] = agent.command
     res["interval_s"] = interval
-    sub = None
     try:
         why = agent.wait(40)
         if why:
             res["failure"] = why
             return res
         res["agent_start_s"] = round(time.monotonic() - t_start, 2)  # until AMQP and /metrics answer
-        sub = subprocess.Popen([PY, str(BENCH / "observe_subscriber.py"), "stats", "--url", agent.url,
-                                "--count", str(ticks + 5), "--seconds", f"{need + 30:.0f}"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        spy_box: list[Any] = []
+        on_ready = (lambda: spy_box.append(start_profile(ns, agent, f"{driver}-{n}"))) \
+            if ns.profile and n == max(ns.sizes_list) else None
+        per_tick = collect_ticks(agent, res, ticks, need, warm_scrapes=2, on_ready=on_ready)
+        if per_tick is None:
+            return res
+        spy = spy_box[0] if spy_box else None
+        res["ticks"] = per_tick
+        if spy is not None:
+            res["profile"] = stop_profile(spy, len(per_tick))
+        res["memory_kib"] = read_status(agent.proc.pid)
+        if not ns.no_snapshot and budget.left() > 40:
+            res["snapshot"] = object_snapshot(agent, min(30.0, budget.left() - 35))
+            res["memory_after_snapshot_kib"] = read_status(agent.proc.pid)
+        if agent.proc.poll() is not None:
+            res["failure"] = f"the agent exited ({agent.proc.returncode}): {agent.tail()}"
+    finally:
+        agent.stop()
+    summarise_sampling(res)
+    return res
+
+
+def collect_ticks(agent: Agent, res: dict[str, Any], ticks: int, need: float, warm_scrapes: int = 2,
+                  on_ready: Any = None) -> list[dict[str, Any]] | None:
+    """``ticks`` sampler ticks of ``agent`` (after the first), as a stats subscriber process receives
+    them: after each, one cold and ``warm_scrapes`` warm /metrics scrapes, the agent's CPU, and where
+    the time from the sample's start to the last message goes. None (``res["failure"]`` set) when the
+    subscriber is not ready; ``on_ready()`` runs once it is."""
+    sub = subprocess.Popen([PY, str(BENCH / "observe_subscriber.py"), "stats", "--url", agent.url,
+                            "--count", str(ticks + 5), "--seconds", f"{need + 30:.0f}"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
         lines = Lines(sub.stdout.fileno())
         ready = lines.next(25)
         if not ready or not ready.get("ready"):
             res["failure"] = f"stats subscriber not ready: {ready}"
-            return res
-        spy = start_profile(ns, agent, f"{driver}-{n}") if ns.profile and n == max(ns.sizes_list) else None
+            return None
+        if on_ready is not None:
+            on_ready()
         per_tick: list[dict[str, Any]] = []
         end = time.monotonic() + need + 10
         skipped_first = False
@@ -242,52 +271,47 @@ def bench_sampling(ns: argparse.Namespace, budget: Budget, tmp: Path, n: int, dr
                 continue
             if not skipped_first:  # the first complete tick may have met a subscriber still warming up
                 skipped_first = True
-                cpu_mark = proc_cpu_seconds(pid)
+                cpu_mark = cpu_tick
                 continue
-            cold, info = scrape(agent.metrics_port)
-            cpu_scrape = proc_cpu_seconds(pid)
-            warm = [scrape(agent.metrics_port)[0] for _ in range(2)]
-            cpu_after = proc_cpu_seconds(pid)
-            tick = {"duration_s": line["duration"], "messages": line["messages"], "bytes": line["bytes"],
-                    "max_message_bytes": line["max_message_bytes"], "chunks": line["chunks"],
-                    "domains": line["domains"], "mode": line["mode"],
-                    "receive_spread_s": line["t_last"] - line["t_first"],
-                    "scrape_cold_s": cold, "scrape_warm_s": warm, "scrape_bytes": info["bytes"],
-                    "scrape_series": info["series"], "missed_ticks": info.get("missed_ticks")}
-            if None not in (cpu_mark, cpu_tick, cpu_scrape, cpu_after):
-                # the agent's CPU (every thread) from the end of the last scrapes to this tick's receipt:
-                # the tick's sample + publish and an idle wait; then over the first scrape, then the next two
-                tick["agent_cpu_tick_s"] = cpu_tick - cpu_mark
-                tick["agent_cpu_scrape_cold_s"] = cpu_scrape - cpu_tick
-                tick["agent_cpu_scrape_warm_s"] = (cpu_after - cpu_scrape) / 2
-            cpu_mark = cpu_after
-            if info.get("sample_duration") == line["duration"] and "sample_timestamp" in info:
-                start = info["sample_timestamp"]
-                tick["sample_publish_s"] = line["t_last"] - start
-                if line.get("stamp_first") and line.get("stamp_last"):  # where the publishing time goes
-                    tick["end_to_first_stamp_s"] = line["stamp_first"] - (start + line["duration"])
-                    tick["stamp_span_s"] = line["stamp_last"] - line["stamp_first"]
-                    tick["last_stamp_to_receipt_s"] = line["t_last"] - line["stamp_last"]
-            else:  # the scrape met a later sample: this tick has no start time
-                tick["sample_publish_s"] = None
-            per_tick.append(tick)
-        res["ticks"] = per_tick
-        if spy is not None:
-            res["profile"] = stop_profile(spy, len(per_tick))
-        res["memory_kib"] = read_status(agent.proc.pid)
-        if not ns.no_snapshot and budget.left() > 40:
-            res["snapshot"] = object_snapshot(agent, min(30.0, budget.left() - 35))
-            res["memory_after_snapshot_kib"] = read_status(agent.proc.pid)
-        if agent.proc.poll() is not None:
-            res["failure"] = f"the agent exited ({agent.proc.returncode}): {agent.tail()}"
+            per_tick.append(_tick(agent, line, warm_scrapes, pid, cpu_mark, cpu_tick))
+            cpu_mark = proc_cpu_seconds(pid)
+        return per_tick
     finally:
-        if sub is not None:
-            with contextlib.suppress(OSError):
-                sub.stdin.close()
-            stop_process(sub, 5)
-        agent.stop()
-    summarise_sampling(res)
-    return res
+        with contextlib.suppress(OSError):
+            sub.stdin.close()
+        stop_process(sub, 5)
+
+
+def _tick(agent: Agent, line: dict[str, Any], warm_scrapes: int, pid: int, cpu_mark: float | None,
+          cpu_tick: float | None) -> dict[str, Any]:
+    """One tick's figures: the subscriber's ``line``, then the scrapes made now."""
+    cold, info = scrape(agent.metrics_port)
+    cpu_scrape = proc_cpu_seconds(pid)
+    warm = [scrape(agent.metrics_port)[0] for _ in range(warm_scrapes)]
+    cpu_after = proc_cpu_seconds(pid)
+    tick = {"duration_s": line["duration"], "messages": line["messages"], "bytes": line["bytes"],
+            "max_message_bytes": line["max_message_bytes"], "chunks": line["chunks"],
+            "domains": line["domains"], "mode": line["mode"],
+            "receive_spread_s": line["t_last"] - line["t_first"],
+            "scrape_cold_s": cold, "scrape_warm_s": warm, "scrape_bytes": info["bytes"],
+            "scrape_series": info["series"], "missed_ticks": info.get("missed_ticks")}
+    if None not in (cpu_mark, cpu_tick, cpu_scrape, cpu_after):
+        # the agent's CPU (every thread) from the end of the last scrapes to this tick's receipt:
+        # the tick's sample + publish and an idle wait; then over the first scrape, then the next ones
+        tick["agent_cpu_tick_s"] = cpu_tick - cpu_mark
+        tick["agent_cpu_scrape_cold_s"] = cpu_scrape - cpu_tick
+        if warm_scrapes:
+            tick["agent_cpu_scrape_warm_s"] = (cpu_after - cpu_scrape) / warm_scrapes
+    if info.get("sample_duration") == line["duration"] and "sample_timestamp" in info:
+        start = info["sample_timestamp"]
+        tick["sample_publish_s"] = line["t_last"] - start
+        if line.get("stamp_first") and line.get("stamp_last"):  # where the publishing time goes
+            tick["end_to_first_stamp_s"] = line["stamp_first"] - (start + line["duration"])
+            tick["stamp_span_s"] = line["stamp_last"] - line["stamp_first"]
+            tick["last_stamp_to_receipt_s"] = line["t_last"] - line["stamp_last"]
+    else:  # the scrape met a later sample: this tick has no start time
+        tick["sample_publish_s"] = None
+    return tick
 
 
 def object_snapshot(agent: Agent, timeout: float) -> dict[str, Any]:

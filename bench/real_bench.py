@@ -41,9 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from lean_client import proc_cpu_seconds
-from observe_bench import Agent, scrape, summarise_sampling
-from observe_events import Lines
-from rpc_bench import Budget, client_cmd, fmt, gfmt, log, machine, ratio, row_of, run_json, stop_process
+from observe_bench import Agent, collect_ticks, summarise_sampling
+from rpc_bench import Budget, client_cmd, fmt, gfmt, log, machine, ratio, row_of, run_json
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -157,62 +156,18 @@ def bench_sampling(ns: argparse.Namespace, budget: Budget, tmp: Path, uri: str) 
     groups = {"BUSAGENT_STATS_GROUPS": ns.stats_groups} if ns.stats_groups else None
     agent = Agent(uri, tmp, "sampling", interval=1.0, log_level=ns.agent_log_level, env_extra=groups)
     res["agent"] = agent.command
-    sub = None
     try:
         why = agent.wait(40)
         if why:
             res["failure"] = why
             return res
-        sub = subprocess.Popen([PY, str(BENCH / "observe_subscriber.py"), "stats", "--url", agent.url,
-                                "--count", str(ns.ticks + 5), "--seconds", f"{need + 30:.0f}"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
-        lines = Lines(sub.stdout.fileno())
-        ready = lines.next(25)
-        if not ready or not ready.get("ready"):
-            res["failure"] = f"stats subscriber not ready: {ready}"
+        ticks = collect_ticks(agent, res, ns.ticks, need, warm_scrapes=0)
+        if ticks is None:
             return res
-        ticks: list[dict[str, Any]] = []
-        end = time.monotonic() + need + 10
-        pid, cpu_mark, first = agent.proc.pid, None, True
-        while len(ticks) < ns.ticks and time.monotonic() < end:
-            line = lines.next(max(0.1, end - time.monotonic()))
-            if line is None:
-                break
-            cpu_tick = proc_cpu_seconds(pid)
-            if "gap" in line or "failure" in line:
-                res.setdefault("subscriber_notes", []).append(line)
-                continue
-            if first:  # the first complete tick may have met a subscriber still warming up
-                first, cpu_mark = False, cpu_tick
-                continue
-            cold, info = scrape(agent.metrics_port)
-            cpu_after = proc_cpu_seconds(pid)
-            tick = {"duration_s": line["duration"], "messages": line["messages"], "bytes": line["bytes"],
-                    "max_message_bytes": line["max_message_bytes"], "chunks": line["chunks"],
-                    "domains": line["domains"], "mode": line["mode"], "scrape_cold_s": cold, "scrape_warm_s": [],
-                    "scrape_bytes": info["bytes"], "scrape_series": info["series"]}
-            if None not in (cpu_mark, cpu_tick, cpu_after):
-                tick["agent_cpu_tick_s"] = cpu_tick - cpu_mark  # this tick's sample + publish (and idle)
-                tick["agent_cpu_scrape_cold_s"] = cpu_after - cpu_tick
-            cpu_mark = cpu_after
-            if info.get("sample_duration") == line["duration"] and "sample_timestamp" in info:
-                start = info["sample_timestamp"]
-                tick["sample_publish_s"] = line["t_last"] - start
-                if line.get("stamp_first") and line.get("stamp_last"):
-                    tick["end_to_first_stamp_s"] = line["stamp_first"] - (start + line["duration"])
-                    tick["stamp_span_s"] = line["stamp_last"] - line["stamp_first"]
-                    tick["last_stamp_to_receipt_s"] = line["t_last"] - line["stamp_last"]
-            else:  # the scrape met a later sample: this tick has no start time
-                tick["sample_publish_s"] = None
-            ticks.append(tick)
         res["ticks"] = ticks
         if agent.proc.poll() is not None:
             res["failure"] = f"the agent exited ({agent.proc.returncode}): {agent.tail()}"
     finally:
-        if sub is not None:
-            with contextlib.suppress(OSError):
-                sub.stdin.close()
-            stop_process(sub, 5)
         agent.stop()
     summarise_sampling(res)
     return res

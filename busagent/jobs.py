@@ -83,12 +83,20 @@ class JobWatcher:
             done.set()
             thread.join(self.interval * 4)
 
-    def _poll(self, method: str, ref: dict[str, Any], correlation_id: str, done: threading.Event) -> None:
+    def _domain(self, ref: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+        """The domain a call names and its reference as published; None when it does not resolve
+        (the call itself reports what is wrong with it)."""
         try:
             dom = refs.resolve(self.get_conn(), "domain", ref)
-            obj = refs.render(dom)
+            return dom, refs.render(dom)
         except (libvirt.libvirtError, refs.BadReference):
-            return  # the call itself reports what is wrong with the domain
+            return None
+
+    def _poll(self, method: str, ref: dict[str, Any], correlation_id: str, done: threading.Event) -> None:
+        found = self._domain(ref)
+        if found is None:
+            return
+        dom, obj = found
         seq, started = 0, time.monotonic()
         while not done.wait(self.interval):
             try:
@@ -105,11 +113,13 @@ class JobWatcher:
     def _poll_block(self, method: str, ref: dict[str, Any], correlation_id: str, disk: str | None) -> None:
         """``virDomainGetBlockJobInfo`` at once, then every ``interval``, until the job is gone or ready."""
         started = time.monotonic()
+        found = self._domain(ref)
+        if found is None:
+            return
+        dom, obj = found
         try:
-            dom = refs.resolve(self.get_conn(), "domain", ref)
-            obj = refs.render(dom)
             disks = [disk] if disk else disk_targets(dom.XMLDesc(0))
-        except (libvirt.libvirtError, refs.BadReference, etree.XMLSyntaxError):
+        except (libvirt.libvirtError, etree.XMLSyntaxError):
             return
         kinds = BLOCK_JOB_METHODS[method]
         watched: list[str] | None = None  # the disks whose job this call started, found at the first poll
