@@ -314,6 +314,21 @@ def _tick(agent: Agent, line: dict[str, Any], warm_scrapes: int, pid: int, cpu_m
     return tick
 
 
+def latency_table(lines: list[str]) -> Any:
+    """Append a latency table's header (path, n, p50/p90/p99/max in us) to ``lines``; returns
+    ``row(name, stats)``, which appends one row."""
+    head = f"   {'path':<62} {'n':>5} {'p50 us':>8} {'p90 us':>8} {'p99 us':>8} {'max us':>8}"
+    lines.append(head)
+    lines.append("   " + "-" * (len(head) - 3))
+
+    def row(name: str, st: dict[str, Any] | None) -> None:
+        st = st or {}
+        lines.append(f"   {name:<62} {fmt(st.get('n')):>5} {fmt(st.get('p50_us')):>8} {fmt(st.get('p90_us')):>8} "
+                     f"{fmt(st.get('p99_us')):>8} {fmt(st.get('max_us')):>8}")
+
+    return row
+
+
 def object_snapshot(agent: Agent, timeout: float) -> dict[str, Any]:
     """``busagentResync`` (every object, read afresh, in the reply): the agent's periodic snapshot
     (first due 60 s after start, so never inside the measured ticks) at its memory peak."""
@@ -450,14 +465,7 @@ def report(doc: dict[str, Any]) -> str:
     ev = doc["events"]
     lines.append("1. event latency: libvirt action -> event (lifecycle, suspend/resume of one domain), "
                  "one at a time")
-    head = f"   {'path':<62} {'n':>5} {'p50 us':>8} {'p90 us':>8} {'p99 us':>8} {'max us':>8}"
-    lines.append(head)
-    lines.append("   " + "-" * (len(head) - 3))
-
-    def row(name: str, s: dict[str, Any] | None) -> None:
-        s = s or {}
-        lines.append(f"   {name:<62} {fmt(s.get('n')):>5} {fmt(s.get('p50_us')):>8} {fmt(s.get('p90_us')):>8} "
-                     f"{fmt(s.get('p99_us')):>8} {fmt(s.get('max_us')):>8}")
+    row = latency_table(lines)
 
     d = ev.get("direct") or {}
     if d.get("agent_subscriber"):

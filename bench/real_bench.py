@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from lean_client import proc_cpu_seconds
-from observe_bench import Agent, collect_ticks, summarise_sampling
+from observe_bench import Agent, collect_ticks, latency_table, summarise_sampling
 from rpc_bench import Budget, client_cmd, fmt, gfmt, log, machine, ratio, row_of, run_json
 
 BENCH = Path(__file__).resolve().parent
@@ -398,14 +398,7 @@ def report(doc: dict[str, Any]) -> str:
     ev = doc["events"]
     lines.append(f"2. event latency: suspend/resume of running guest {doc['event_domain']}, one at a time "
                  f"(action -> event)")
-    head = f"   {'path':<62} {'n':>5} {'p50 us':>8} {'p90 us':>8} {'p99 us':>8} {'max us':>8}"
-    lines.append(head)
-    lines.append("   " + "-" * (len(head) - 3))
-
-    def row(name: str, st: dict[str, Any] | None) -> None:
-        st = st or {}
-        lines.append(f"   {name:<62} {fmt(st.get('n')):>5} {fmt(st.get('p50_us')):>8} {fmt(st.get('p90_us')):>8} "
-                     f"{fmt(st.get('p99_us')):>8} {fmt(st.get('max_us')):>8}")
+    row = latency_table(lines)
 
     for key, what in (("direct", "libvirtd -> agent -> bus -> Subscription process"),
                       ("direct_lean", "libvirtd -> agent -> bus -> bare-engine subscriber")):
